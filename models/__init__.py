@@ -1,0 +1,1 @@
+"""Model descriptions (framework-free specs) and their PyTorch and Flax implementations."""

@@ -1,0 +1,59 @@
+"""Pieces every torch backend shares (torch-ddp, torch-xla, Ray Train): model, optimizer, loss.
+
+Kept in one place so "the same config" builds the same optimizer and the same loss on every
+torch path; the reference loops in the tests are written independently on purpose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.spec import ModelSpec, get_spec
+from scaling.config import RunConfig
+
+
+def make_optimizer(cfg: RunConfig, params: Any) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    return torch.optim.SGD(params, lr=cfg.lr)
+
+
+def local_loss(spec: ModelSpec, out: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The loss on one shard, with the reduction of the config (squared error or cross-entropy)."""
+    out = out.float()
+    if spec.task == "classification":
+        return F.cross_entropy(out, y, reduction=reduction)
+    return F.mse_loss(out, y, reduction=reduction)
+
+
+def backward_scale(reduction: str, world: int) -> float:
+    """DDP averages gradients over ranks. For ``mean`` the local-mean losses average to the global
+    mean, so no scaling; for ``sum`` the global loss is the sum of local sums, so each rank's loss
+    is scaled by ``world`` before the average (exact: world is a power of two or small integer)."""
+    return float(world) if reduction == "sum" else 1.0
+
+
+def global_losses(local: torch.Tensor, reduction: str, world: int) -> torch.Tensor:
+    """From the all-reduced (summed) per-step local losses to the global loss of each step."""
+    return local / world if reduction == "mean" else local
+
+
+def params_digest(params: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(params):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(params[k]).tobytes())
+    return h.hexdigest()
+
+
+def params_l2(params: dict[str, np.ndarray]) -> float:
+    return float(np.sqrt(sum(float(np.sum(p.astype(np.float64) ** 2)) for p in params.values())))
+
+
+def spec_of(cfg: RunConfig) -> ModelSpec:
+    return get_spec(cfg.model, **cfg.model_opts)

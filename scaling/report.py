@@ -1,0 +1,64 @@
+"""Results people read: rich tables on the console (JSON and TensorBoard live in ``scaling.run``)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from rich.console import Console
+from rich.table import Table
+
+from scaling.meter import format_flops
+
+
+def _pct(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x * 100:+.1f}%" if signed else f"{x * 100:.1f}%"
+
+
+def _ms(x: float | None) -> str:
+    return "n/a" if x is None else f"{x * 1e3:.3g} ms"
+
+
+def run_table(results: Iterable[dict[str, Any]], title: str = "podscale run") -> Table:
+    t = Table(title=title, title_style="bold")
+    for col, just in (("backend", "left"), ("model", "left"), ("devices", "right"), ("global batch", "right"),
+                      ("step time", "right"), ("predicted", "right"), ("error", "right"), ("samples/s", "right"),
+                      ("achieved", "right"), ("peak", "right"), ("MFU", "right"), ("final loss", "right"),
+                      ("replicas equal", "center")):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for r in results:
+        t.add_row(
+            r["backend"], r["model"], str(r["devices"]), str(r["global_batch"]),
+            _ms(r["step_time_s"]), _ms(r.get("predicted_step_time_s")), _pct(r.get("prediction_error"), signed=True),
+            f"{r['samples_per_s']:,.0f}", format_flops(r["achieved_flops"]),
+            f"{format_flops(r['peak_flops'])} {r['peak_dtype']} ({r['hardware']})", _pct(r["mfu"]),
+            f"{r['losses'][-1]:.6g}", "yes" if r["replicas_identical"] else "[red]NO[/red]",
+        )
+    return t
+
+
+def summary_table(r: dict[str, Any]) -> Table:
+    """One run as metric | measured | predicted rows: fits an 80-column terminal."""
+    t = Table(title=f"podscale run: {r['backend']} · {r['model']} · {r['devices']} device(s) · {r['hardware']}", title_style="bold")
+    t.add_column("metric")
+    t.add_column("measured", justify="right")
+    t.add_column("predicted", justify="right")
+    pred = r.get("predicted_step_time_s")
+    flops = r["model_flops_per_step"]
+    peak = r["peak_flops"]
+    t.add_row("step time (median)", _ms(r["step_time_s"]), _ms(pred))
+    t.add_row("prediction error", "", _pct(r.get("prediction_error"), signed=True))
+    t.add_row("samples/s", f"{r['samples_per_s']:,.0f}", f"{r['global_batch'] / pred:,.0f}" if pred else "n/a")
+    t.add_row("achieved (model FLOPs)", format_flops(r["achieved_flops"]), format_flops(flops / pred) if pred else "n/a")
+    t.add_row("per device", format_flops(r["achieved_flops_per_device"]), "")
+    t.add_row(f"peak ({r['peak_dtype']})", format_flops(peak), "")
+    t.add_row("MFU", _pct(r["mfu"]), _pct(flops / pred / peak) if pred and peak else "n/a")
+    t.add_row("global batch / per device", f"{r['global_batch']} / {r['per_device_batch']}", "")
+    t.add_row("final loss", f"{r['losses'][-1]:.6g}", "")
+    t.add_row("replicas identical", "yes" if r["replicas_identical"] else "[red]NO[/red]", "")
+    return t
+
+
+def print_run(result: dict[str, Any], console: Console | None = None) -> None:
+    (console or Console()).print(summary_table(result))
