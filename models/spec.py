@@ -227,3 +227,14 @@ def get_spec(name: str, **opts: Any) -> ModelSpec:
             raise UsageError(f"unknown --model-opt {k!r} for model {name!r}; valid: {', '.join(flds)}")
         kwargs[key] = _coerce(v, flds[key].type, key, name)
     return cls(**kwargs)
+
+
+def _register_zoo() -> None:
+    """The model zoo's specs add themselves to SPECS on import (kept last: they import this module)."""
+    import importlib
+
+    for mod in ("models.cnn_spec", "models.gpt_spec"):
+        importlib.import_module(mod)
+
+
+_register_zoo()
