@@ -9,6 +9,7 @@ Train starts it itself and calls ``train`` directly.
 from __future__ import annotations
 
 import datetime
+import inspect
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,8 @@ from scaling.data import load_dataset, load_init
 from scaling.errors import UsageError
 from scaling.fault import maybe_fault
 from scaling.meter import StepTimer
+from models.torch.cnn import average_running_stats, convert_sync_bn
+from scaling.datasets import accuracy
 
 NAME = "torch-ddp"
 
@@ -88,7 +91,12 @@ def train(cfg: RunConfig, ctx: Any, report: Any = None) -> dict[str, Any] | None
         losses_done = state["losses"].tolist()
         times_done = state["step_times"].tolist()
 
-    ddp = DDP(model, device_ids=[device.index] if cuda else None)
+    if cfg.sync_bn:
+        model = convert_sync_bn(model)
+    # per-device BN keeps each replica's running statistics (averaged at checkpoints and at the end),
+    # so rank 0's buffers are not broadcast over the others every step
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    ddp = DDP(model, device_ids=[device.index] if cuda else None, **{no_sync: False})
     if cfg.compile:
         ddp = torch.compile(ddp)  # type: ignore[assignment]
     scale = tc.backward_scale(cfg.loss_reduction, world)
@@ -113,6 +121,7 @@ def train(cfg: RunConfig, ctx: Any, report: Any = None) -> dict[str, Any] | None
         ctx.beat(step + 1)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             glob = _global_losses(local[: step + 1], start, losses_done, cfg, world, device)
+            average_running_stats(model)
             if rank == 0:
                 checkpoint.save_torch(cfg.checkpoint_dir, step + 1, {
                     "params": {k: torch.from_numpy(v) for k, v in mtorch.to_canonical(spec, model).items()},
@@ -126,11 +135,13 @@ def train(cfg: RunConfig, ctx: Any, report: Any = None) -> dict[str, Any] | None
                 report(step + 1, glob)
 
     losses = _global_losses(local, start, losses_done, cfg, world, device)
+    average_running_stats(model)
     final = mtorch.to_canonical(spec, model)
     digests: list[str] = [""] * world
     dist.all_gather_object(digests, tc.params_digest(final))
     if rank != 0:
         return None
+    acc = test_accuracy(model, data, device)
     if getattr(ctx, "run_dir", None) is not None:
         np.savez(ctx.run_dir / "final_params.npz", **final)
     return {
@@ -139,6 +150,7 @@ def train(cfg: RunConfig, ctx: Any, report: Any = None) -> dict[str, Any] | None
         "final_params_l2": tc.params_l2(final),
         "replicas_identical": len(set(digests)) == 1,
         "resumed_from_step": start or None,
+        **({"accuracy": acc} if acc is not None else {}),
         "device_kind": "cuda" if cuda else "cpu",
         "processes": world,
         "versions": {"torch": torch.__version__},
@@ -146,10 +158,22 @@ def train(cfg: RunConfig, ctx: Any, report: Any = None) -> dict[str, Any] | None
     }
 
 
+@torch.no_grad()
+def test_accuracy(model: torch.nn.Module, data: Any, device: torch.device) -> float | None:
+    """Accuracy on the dataset's held-out split (``--data digits``), eval mode (running BN stats)."""
+    if getattr(data, "x_test", None) is None:
+        return None
+    model.eval()
+    try:
+        return accuracy(lambda x: model(torch.from_numpy(x).to(device)).float().cpu().numpy(), data)
+    finally:
+        model.train()
+
+
 def _global_losses(local: torch.Tensor, start: int, done: list[float], cfg: RunConfig, world: int, device: torch.device) -> list[float]:
     """All-reduce this attempt's local losses (one collective, not one per step) and prepend the
     global losses a resumed run inherited from its checkpoint."""
-    part = local[start:].to(device)
+    part = local[start:].to(device, copy=True)
     dist.all_reduce(part)
     return list(done[:start]) + tc.global_losses(part.cpu(), cfg.loss_reduction, world).tolist()
 

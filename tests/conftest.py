@@ -1,0 +1,40 @@
+"""Shared fixtures: an isolated measurement cache and a helper that runs the real CLI.
+
+Multi-device runs go through the ``podscale`` command in subprocesses, exactly as a user runs
+them: device counts and process groups are per process, and the exit codes are part of the
+contract under test.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ.setdefault("PODSCALE_CACHE_DIR", str(tmp_path_factory.mktemp("podscale-cache")))
+
+
+def podscale(*args: str, env: dict[str, str] | None = None, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m launchers.cli ARGS`` and return the completed process (text)."""
+    e = dict(os.environ)
+    e.pop("PODSCALE_FAULT", None)
+    e.update(env or {})
+    e["PYTHONPATH"] = str(ROOT) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
+    p = subprocess.run([sys.executable, "-m", "launchers.cli", *args], cwd=ROOT, env=e, capture_output=True,
+                       text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"podscale {' '.join(args)} exited {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
+    return p
+
+
+@pytest.fixture
+def run_cli():
+    return podscale
