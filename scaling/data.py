@@ -90,3 +90,13 @@ def load_init(spec: ModelSpec, init: str | None, seed: int) -> dict[str, np.ndar
     except Exception as e:  # noqa: BLE001
         raise UsageError(f"--init {init!r} is not a readable .npz file ({type(e).__name__})") from None
     return spec.check_params(arrays, f"--init {init!r}")
+
+
+def _register_named() -> None:
+    """Named datasets register themselves on import (kept last: they import this module)."""
+    import importlib
+
+    importlib.import_module("scaling.datasets")
+
+
+_register_named()

@@ -14,10 +14,14 @@ from torch import nn
 
 from models.spec import ModelSpec
 from models.torch.mlp import Sigmoid, TwoLayerNet, build_mlp, mlp_to_canonical
+from models.torch.cnn import build_cnn, cnn_to_canonical
+from models.torch.gpt import build_gpt, gpt_to_canonical
 
 #: model name -> (builder(spec, params) -> module, module -> canonical numpy params)
 BUILDERS: dict[str, tuple[Callable[[ModelSpec, dict[str, np.ndarray]], nn.Module], Callable[[ModelSpec, nn.Module], dict[str, np.ndarray]]]] = {
     "mlp": (build_mlp, mlp_to_canonical),
+    **{name: (build_cnn, cnn_to_canonical) for name in ("alexnet", "vgg16", "resnet18", "resnet50")},
+    "gpt-tiny": (build_gpt, gpt_to_canonical),
 }
 
 

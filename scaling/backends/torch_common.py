@@ -27,7 +27,8 @@ def local_loss(spec: ModelSpec, out: torch.Tensor, y: torch.Tensor, reduction: s
     """The loss on one shard, with the reduction of the config (squared error or cross-entropy)."""
     out = out.float()
     if spec.task == "classification":
-        return F.cross_entropy(out, y, reduction=reduction)
+        # sequence models (gpt-tiny) classify every position: the leading axes are flattened
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction=reduction)
     return F.mse_loss(out, y, reduction=reduction)
 
 

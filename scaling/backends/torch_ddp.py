@@ -8,6 +8,7 @@ Train starts it itself and calls ``train`` directly.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import inspect
 from typing import Any
@@ -15,7 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.flop_counter import FlopCounterMode
 
 from models import torch as mtorch
 from scaling import checkpoint
@@ -97,9 +100,13 @@ def train(cfg: RunConfig, ctx: Any, report: Any = None) -> dict[str, Any] | None
     # so rank 0's buffers are not broadcast over the others every step
     no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
     ddp = DDP(model, device_ids=[device.index] if cuda else None, **{no_sync: False})
+    comm = _CommCounter()
+    if world > 1:
+        ddp.register_comm_hook(None, comm.hook)
     if cfg.compile:
         ddp = torch.compile(ddp)  # type: ignore[assignment]
     scale = tc.backward_scale(cfg.loss_reduction, world)
+    measured: dict[str, float] = {}
     b = cfg.per_device_batch
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     timer = StepTimer()
@@ -109,15 +116,23 @@ def train(cfg: RunConfig, ctx: Any, report: Any = None) -> dict[str, Any] | None
         maybe_fault(rank, step)
         idx = torch.from_numpy(data.indices(step, cfg.global_batch)[rank * b : (rank + 1) * b]).to(device)
         xb, yb = x_all[idx], y_all[idx]
+        # the first untimed step is also the measured one: this rank's FLOPs (torch's own counter)
+        # and the bytes its DDP comm hook hands to the all-reduce, not numbers from the config
+        counting = step == start and step < cfg.untimed_steps
+        flop_counter = FlopCounterMode(display=False) if counting else contextlib.nullcontext()
+        bytes_before = comm.bytes
         timer.start()
-        with autocast:
-            out = ddp(xb)
-        loss = tc.local_loss(spec, out, yb, cfg.loss_reduction)
-        (loss * scale).backward() if scale != 1.0 else loss.backward()
+        with flop_counter:
+            with autocast:
+                out = ddp(xb)
+            loss = tc.local_loss(spec, out, yb, cfg.loss_reduction)
+            (loss * scale).backward() if scale != 1.0 else loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         local[step] = loss.item()  # syncs the device: the step is really done
         timer.stop()
+        if counting:
+            measured = {"flops": float(flop_counter.get_total_flops()), "comm_bytes": float(comm.bytes - bytes_before)}
         ctx.beat(step + 1)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             glob = _global_losses(local[: step + 1], start, losses_done, cfg, world, device)
@@ -139,6 +154,8 @@ def train(cfg: RunConfig, ctx: Any, report: Any = None) -> dict[str, Any] | None
     final = mtorch.to_canonical(spec, model)
     digests: list[str] = [""] * world
     dist.all_gather_object(digests, tc.params_digest(final))
+    per_rank: list[dict[str, float]] = [{}] * world
+    dist.all_gather_object(per_rank, measured)
     if rank != 0:
         return None
     acc = test_accuracy(model, data, device)
@@ -152,6 +169,8 @@ def train(cfg: RunConfig, ctx: Any, report: Any = None) -> dict[str, Any] | None
         "resumed_from_step": start or None,
         **({"accuracy": acc} if acc is not None else {}),
         "device_kind": "cuda" if cuda else "cpu",
+        "flops_per_device": [m.get("flops") for m in per_rank] if measured else None,
+        "comm_bytes_per_step": [m.get("comm_bytes") for m in per_rank] if measured and world > 1 else None,
         "processes": world,
         "versions": {"torch": torch.__version__},
         "backend_info": {"process_group": dist.get_backend()},
@@ -168,6 +187,19 @@ def test_accuracy(model: torch.nn.Module, data: Any, device: torch.device) -> fl
         return accuracy(lambda x: model(torch.from_numpy(x).to(device)).float().cpu().numpy(), data)
     finally:
         model.train()
+
+
+class _CommCounter:
+    """A DDP comm hook that counts the gradient bytes each rank all-reduces, then does exactly what
+    DDP's default all-reduce does (divide by world size, sum)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def hook(self, state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        buf = bucket.buffer()
+        self.bytes += buf.numel() * buf.element_size()
+        return default_hooks.allreduce_hook(dist.group.WORLD, bucket)
 
 
 def _global_losses(local: torch.Tensor, start: int, done: list[float], cfg: RunConfig, world: int, device: torch.device) -> list[float]:
