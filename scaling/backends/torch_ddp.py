@@ -196,7 +196,9 @@ class _CommCounter:
     def __init__(self) -> None:
         self.bytes = 0
 
-    def hook(self, state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    def hook(self, state, bucket):  # type: ignore[no-untyped-def]
+        # no annotations: DDP compares them with dist.GradBucket at runtime, and this module's
+        # postponed annotations would be strings
         buf = bucket.buffer()
         self.bytes += buf.numel() * buf.element_size()
         return default_hooks.allreduce_hook(dist.group.WORLD, bucket)
