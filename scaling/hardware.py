@@ -7,8 +7,10 @@ figure for "whatever CPU runs the tests" would be a guess, and MFU against a gue
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
+import math
 import os
 import platform
 import time
@@ -25,6 +27,24 @@ CATALOG_FILE = Path(__file__).with_name("hardware_catalog.toml")
 #: RunConfig dtype -> the catalog's peak key that dtype's matmuls run at
 PEAK_DTYPE = {"float32": "fp32", "bfloat16": "bf16"}
 
+#: fields a catalog entry may have (anything else is a typo: the catalog test rejects it)
+FIELDS = {
+    "name", "kind", "family", "year", "device", "devices", "chips", "peak_flops", "peak_note", "memory_bytes",
+    "memory_bw", "source", "quoted", "derive", "of", "count", "price_usd", "price_year", "price_usd_per_hour",
+    "price_source", "intra_bw", "intra_latency", "inter_bw", "inter_latency", "devices_per_node", "max_devices",
+}
+#: per-device or per-link figures a composite (node, pod) inherits from the entry it is made `of`
+_INHERITED = ("family", "peak_flops", "peak_note", "memory_bytes", "memory_bw", "intra_bw", "intra_latency",
+              "inter_bw", "inter_latency", "year")
+
+
+@dataclass(frozen=True)
+class Derivation:
+    """A peak that follows from first principles: the product of ``factors`` (units x FLOPs/clock x clock)."""
+
+    value: float
+    text: str
+
 
 @dataclass(frozen=True)
 class Hardware:
@@ -34,14 +54,72 @@ class Hardware:
     device: str
     """What one framework-visible device is on this entry."""
     peak_flops: dict[str, float] = field(default_factory=dict)
-    """Dense peak FLOPS per device, by dtype key (fp32, tf32, fp16, bf16)."""
+    """Dense peak FLOPS per device, by dtype key (fp32, tf32, fp16, bf16): the MFU basis."""
     memory_bytes: float | None = None
     memory_bw: float | None = None
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    family: str = "?"
+    devices: int = 1
+    """Framework-visible devices in this entry (a v3-8 board: 8; a GPU: 1)."""
+    chips: int = 1
+    year: int | None = None
+    peak_note: str = ""
+    quoted: dict[str, float] = field(default_factory=dict)
+    """The whole entry's peak as a source quotes it (the lecture, a press release)."""
+    quoted_source: str = ""
+    derived: dict[str, Derivation] = field(default_factory=dict)
+    """The whole entry's peak from first principles (or count x part for nodes and pods)."""
+    price_usd: float | None = None
+    price_usd_per_hour: float | None = None
+    price_year: int | None = None
+    price_source: str = ""
+    intra_bw: float | None = None
+    """Per-device one-direction ring bandwidth inside a node (B/s)."""
+    intra_latency: float | None = None
+    inter_bw: float | None = None
+    """Per-node one-direction bandwidth between nodes (B/s)."""
+    inter_latency: float | None = None
+    devices_per_node: int | None = None
+    max_devices: int | None = None
+    """The cap on --devices (a pod's size); None = any count (nodes of devices_per_node)."""
+    part_of: str | None = None
 
     def peak(self, dtype_key: str) -> float | None:
         return self.peak_flops.get(dtype_key)
+
+    def peak_for(self, dtype: str) -> tuple[str, float | None]:
+        """(peak key, per-device peak) that MFU for a run in ``dtype`` divides by.
+
+        TPUs publish no fp32 matmul peak (fp32 matmuls run as bf16 passes), so an fp32 run on a TPU is
+        measured against the bf16 peak, and the key says so."""
+        key = PEAK_DTYPE.get(dtype, dtype)
+        if key not in self.peak_flops and self.family == "tpu" and "bf16" in self.peak_flops:
+            key = "bf16"
+        return key, self.peak_flops.get(key)
+
+    def total_peak(self, dtype_key: str) -> float | None:
+        p = self.peak(dtype_key)
+        return None if p is None else p * self.devices
+
+    def headline(self, dtype_key: str) -> float | None:
+        """The entry's whole peak as usually quoted: the quoted figure, else derived, else datasheet."""
+        if dtype_key in self.quoted:
+            return self.quoted[dtype_key]
+        if dtype_key in self.derived:
+            return self.derived[dtype_key].value
+        return self.total_peak(dtype_key)
+
+    def gflops_per_dollar(self) -> float | None:
+        """fp32 GFLOPS per purchase dollar (the lecture's cost trend); None without a purchase price."""
+        p = self.total_peak("fp32")
+        return p / 1e9 / self.price_usd if p and self.price_usd else None
+
+    def check_devices(self, n: int) -> None:
+        if n < 1:
+            raise UsageError(f"invalid --devices {n}: must be a positive integer")
+        if self.max_devices is not None and n > self.max_devices:
+            raise UsageError(f"--devices {n} exceeds {self.id}'s size of {self.max_devices} device(s) ({self.device})")
 
 
 @lru_cache(maxsize=1)
@@ -53,29 +131,103 @@ def ids() -> list[str]:
     return list(_raw_catalog())
 
 
+def closest(hw_id: str, n: int = 3) -> list[str]:
+    raw = list(_raw_catalog())
+    close = difflib.get_close_matches(hw_id, raw, n=n, cutoff=0.3)
+    if not close:
+        close = [k for k in raw if hw_id.lower() in k or k in hw_id.lower()][:n]
+    return close
+
+
 def get(hw_id: str) -> Hardware:
     raw = _raw_catalog()
     if hw_id not in raw:
-        close = difflib.get_close_matches(hw_id, list(raw), n=3, cutoff=0.3)
+        close = closest(hw_id)
         hint = f"closest: {', '.join(close)}" if close else f"valid: {', '.join(raw)}"
         raise UsageError(f"unknown hardware {hw_id!r}; {hint} (podscale hardware lists all)")
+    hw = _build(hw_id, raw)
+    if hw_id == "host-cpu":
+        hw = dataclasses.replace(hw, peak_flops=measured_host_peaks(), devices_per_node=None)
+    return hw
+
+
+def all_hardware() -> list[Hardware]:
+    """Every entry; host-cpu only from the cache (listing the catalog must not start a measurement)."""
+    out = []
+    for k in ids():
+        if k == "host-cpu":
+            hw = _build(k, _raw_catalog())
+            out.append(dataclasses.replace(hw, peak_flops=measured_host_peaks(measure=False)))
+        else:
+            out.append(_build(k, _raw_catalog()))
+    return out
+
+
+def _build(hw_id: str, raw: dict[str, dict[str, Any]]) -> Hardware:
     d = dict(raw[hw_id])
-    known = {"name", "kind", "device", "peak_flops", "memory_bytes", "memory_bw", "source"}
-    extra = {k: v for k, v in d.items() if k not in known}
-    hw = Hardware(
+    part: Hardware | None = None
+    count = int(d.get("count", 1))
+    if "of" in d:
+        if d["of"] not in raw:
+            raise ValueError(f"hardware catalog: {hw_id}.of = {d['of']!r} is not an entry")
+        part = _build(d["of"], raw)
+        for k in _INHERITED:
+            if k not in d:
+                v = getattr(part, k)
+                if v is not None and v != {} and v != "":
+                    d[k] = v
+    devices = part.devices * count if part else int(d.get("devices", 1))
+    chips = part.chips * count if part else int(d.get("chips", 1))
+    quoted = {k: float(v) for k, v in d.get("quoted", {}).items() if k != "source"}
+    derived: dict[str, Derivation] = {}
+    for key, spec in d.get("derive", {}).items():
+        derived[key] = Derivation(float(math.prod(spec["factors"])), spec["text"])
+    if part is not None:
+        for key in set(part.quoted) | set(part.derived) | set(part.peak_flops):
+            v = part.headline(key)
+            if v is not None and key not in derived:
+                basis = "quoted" if key in part.quoted else "derived" if key in part.derived else "datasheet"
+                derived[key] = Derivation(count * v, f"{count} x {part.id} ({basis} {v / 1e12:.4g} TFLOPS)")
+    kind = d.get("kind", "?")
+    dpn = d.get("devices_per_node")
+    if dpn is None and kind in ("node", "tpu-board"):
+        dpn = devices
+    elif dpn is None and part is not None:
+        dpn = part.devices_per_node if part.kind not in ("gpu", "tpu-chip") else part.devices * count
+    max_dev = d.get("max_devices")
+    if max_dev is None and part is not None:
+        max_dev = devices
+    known = FIELDS
+    return Hardware(
         id=hw_id,
         name=d.get("name", hw_id),
-        kind=d.get("kind", "?"),
+        kind=kind,
         device=d.get("device", ""),
-        peak_flops=dict(d.get("peak_flops", {})),
+        peak_flops={k: float(v) for k, v in d.get("peak_flops", {}).items()},
         memory_bytes=d.get("memory_bytes"),
         memory_bw=d.get("memory_bw"),
         source=d.get("source", ""),
-        extra=extra,
+        extra={k: v for k, v in d.items() if k not in known},
+        family=d.get("family", "?"),
+        devices=devices,
+        chips=chips,
+        year=d.get("year"),
+        peak_note=d.get("peak_note", ""),
+        quoted=quoted,
+        quoted_source=d.get("quoted", {}).get("source", ""),
+        derived=derived,
+        price_usd=d.get("price_usd"),
+        price_usd_per_hour=d.get("price_usd_per_hour"),
+        price_year=d.get("price_year"),
+        price_source=d.get("price_source", ""),
+        intra_bw=d.get("intra_bw"),
+        intra_latency=d.get("intra_latency"),
+        inter_bw=d.get("inter_bw"),
+        inter_latency=d.get("inter_latency"),
+        devices_per_node=dpn,
+        max_devices=max_dev,
+        part_of=d.get("of"),
     )
-    if hw_id == "host-cpu":
-        hw = Hardware(**{**hw.__dict__, "peak_flops": measured_host_peaks()})
-    return hw
 
 
 # ---- host-cpu: measured peak ----------------------------------------------------------------

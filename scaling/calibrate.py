@@ -1,0 +1,531 @@
+"""``podscale calibrate``: measure this host, so that host-cpu predictions are measured, not guessed.
+
+Emulated devices share the host's cores, and gloo / XLA-CPU collectives and per-step framework work
+grow with N far faster than ``N / cores`` (8 gloo ranks on 2 cores: ~30x one rank's step). So, per
+backend and per device count N, this measures:
+
+- ``overhead``: the median step of a tiny reference model (an mlp of a few hundred parameters) run
+  through the real backend (``launchers.local.run_local``): framework, optimizer, synchronisation
+  and contention at N, with next to no FLOPs and bytes;
+- ``slowdown``: how much longer a fixed GEMM takes on each of N devices running at once than on one
+  device alone (1.0 for N <= cores in an idle machine, ~N/cores beyond);
+- the all-reduce curve: seconds vs message bytes with the backend's own collective (gloo for
+  torch-ddp, XLA-CPU psum for jax-*), with its alpha-beta fit;
+- once per host: GEMM rates for square sizes on 1 ... all cores (torch) and for one XLA-CPU device.
+
+The file (``calibration.json`` in ``hardware.cache_dir()``) is keyed by the host fingerprint and the
+framework versions; it is written atomically and merged, so calibrating one more backend or N keeps
+the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import datetime
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from scaling import hardware
+from scaling.errors import RunFailed, UsageError
+
+FILE_NAME = "calibration.json"
+VERSION = 1
+#: backend -> (collective family, framework package whose version keys the entries)
+FAMILIES = {"torch-ddp": ("gloo", "torch"), "jax-pmap": ("xla-cpu", "jax"), "jax-sharded": ("xla-cpu", "jax")}
+REF_MODEL_OPTS = {"d_in": 16, "hidden": 16, "d_out": 1}
+"""The reference model: mlp 16-16-1 (289 parameters): a step that is all overhead."""
+
+
+@dataclass(frozen=True)
+class Sizes:
+    gemm: tuple[int, ...]
+    messages: tuple[int, ...]
+    ref_steps: int
+    reps: int
+
+
+QUICK = Sizes((32, 64, 128, 256, 512), (1 << 10, 1 << 14, 1 << 18, 1 << 20, 1 << 22), 25, 5)
+FULL = Sizes((16, 32, 64, 128, 256, 512, 1024), (1 << 10, 1 << 12, 1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24), 60, 11)
+TINY = Sizes((32, 128), (1 << 10, 1 << 16), 8, 3)
+"""For tests: seconds, not minutes."""
+
+
+def path() -> Path:
+    return hardware.cache_dir() / FILE_NAME
+
+
+def framework_version(pkg: str) -> str | None:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+# ---- the file ------------------------------------------------------------------------------
+
+
+def load(p: Path | None = None) -> dict[str, Any] | None:
+    """This host's calibration, with entries of stale framework versions dropped; None if absent."""
+    p = p or path()
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    if data.get("version") != VERSION or data.get("host") != hardware.host_fingerprint():
+        return None
+    for backend in list(data.get("backends", {})):
+        pkg = FAMILIES.get(backend, ("", ""))[1]
+        if data["backends"][backend].get("framework_version") != framework_version(pkg):
+            del data["backends"][backend]
+    gemm = data.get("gemm", {})
+    for fw in list(gemm):
+        if gemm[fw].get("framework_version") != framework_version(fw):
+            del gemm[fw]
+    return data
+
+
+def save(data: dict[str, Any], p: Path | None = None) -> Path:
+    p = p or path()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, p)
+    return p
+
+
+def _empty() -> dict[str, Any]:
+    return {"version": VERSION, "host": hardware.host_fingerprint(), "cores": hardware.host_cores(),
+            "gemm": {}, "collectives": {}, "backends": {}}
+
+
+def has_backend(cal: dict[str, Any], backend: str, n: int | None = None) -> bool:
+    """Whether ``backend`` is calibrated (at ``n`` or within its calibrated range of N)."""
+    b = cal.get("backends", {}).get(backend)
+    if not b or not b.get("per_n"):
+        return False
+    fam = FAMILIES.get(backend, ("",))[0]
+    if not cal.get("gemm", {}).get("torch" if fam == "gloo" else "jax"):
+        return False
+    return n is None or n <= max(int(k) for k in b["per_n"]) or len(b["per_n"]) >= 2
+
+
+# ---- the terms the predictor reads -----------------------------------------------------------
+
+
+def _interp(xs: list[float], ys: list[float], x: float, log: bool = True) -> float:
+    """Piecewise-linear interpolation (in log x when ``log``); flat beyond the ends."""
+    if len(xs) == 1:
+        return ys[0]
+    f = (lambda v: math.log(v)) if log else (lambda v: v)
+    if x <= xs[0]:
+        return ys[0]
+    if x >= xs[-1]:
+        return ys[-1]
+    i = bisect.bisect_right(xs, x)
+    x0, x1 = f(xs[i - 1]), f(xs[i])
+    w = (f(x) - x0) / (x1 - x0)
+    return ys[i - 1] + w * (ys[i] - ys[i - 1])
+
+
+@dataclass(frozen=True)
+class HostTerms:
+    overhead: float
+    slowdown: float
+    points: tuple[tuple[float, float], ...]
+    """(bytes, seconds) of the all-reduce at this N."""
+    alpha: float
+    bw: float
+    ref_bytes: float
+    rates: tuple[tuple[float, float], ...]
+    """(GEMM FLOPs, FLOPS) for one device alone."""
+    interpolated: bool
+
+    def allreduce(self, nbytes: float) -> float:
+        """Measured curve between the points; alpha-beta fit's slope beyond the largest."""
+        if not self.points:
+            return 0.0
+        xs = [p[0] for p in self.points]
+        ys = [p[1] for p in self.points]
+        if nbytes > xs[-1]:
+            return ys[-1] + (nbytes - xs[-1]) / self.bw
+        if nbytes <= xs[0]:
+            return ys[0]
+        return _interp(xs, ys, nbytes, log=False)
+
+    def gemm_rate(self, gemm_flops: float) -> float:
+        """The rate one device sustains on a GEMM of this many FLOPs (interpolated on log size)."""
+        xs = [r[0] for r in self.rates]
+        ys = [r[1] for r in self.rates]
+        return max(1.0, _interp(xs, ys, max(gemm_flops, 1.0)))
+
+
+def host_terms(cal: dict[str, Any], backend: str, n: int, dtype: str = "float32") -> HostTerms:
+    """The calibrated terms for ``backend`` at N devices (log-interpolated between calibrated N)."""
+    if backend not in FAMILIES:
+        raise UsageError(f"backend {backend!r} is not calibrated on host-cpu; calibrated backends: {', '.join(FAMILIES)}")
+    b = cal.get("backends", {}).get(backend)
+    if not b or not b.get("per_n"):
+        raise UsageError(f"no calibration for {backend} on this host: run `podscale calibrate --backends {backend}`")
+    fam, fw = FAMILIES[backend]
+    gemm = cal.get("gemm", {}).get(fw, {})
+    key = hardware.PEAK_DTYPE.get(dtype, "fp32")
+    table = gemm.get(key) or gemm.get("fp32")
+    if not table:
+        raise UsageError(f"no GEMM calibration for {fw} on this host: run `podscale calibrate`")
+    threads = "1" if fw == "torch" else "device"
+    rates = tuple(sorted((2.0 * int(s) ** 3, r) for s, r in table[threads].items()))
+    per_n = {int(k): v for k, v in b["per_n"].items()}
+    ns = sorted(per_n)
+    coll = cal.get("collectives", {}).get(fam, {})
+
+    def at(m: int) -> tuple[float, float, list[tuple[float, float]], float, float]:
+        e = per_n[m]
+        c = coll.get(str(m), {"points": [], "alpha": 0.0, "bw": float("inf")})
+        return e["overhead_s"], e["slowdown"], [tuple(p) for p in c["points"]], c["alpha"], c["bw"]
+
+    ref_bytes = float(b.get("ref_grad_bytes", 0))
+    if n in per_n:
+        o, s, pts, a, bw = at(n)
+        return HostTerms(o, s, tuple(pts), a, bw, ref_bytes, rates, False)  # type: ignore[arg-type]
+    # between (or beyond) calibrated N: log-log interpolation of each term, one rule for all
+    lo = max([m for m in ns if m < n], default=ns[0])
+    hi = min([m for m in ns if m > n], default=ns[-1])
+    if lo == hi:  # beyond the range: extrapolate from the last two calibrated counts
+        pair = ns[-2:] if n > ns[-1] else ns[:2]
+        if len(pair) < 2:
+            raise UsageError(f"{backend} is calibrated at N={ns[0]} only; run `podscale calibrate --devices 1,2,4,8`")
+        lo, hi = pair
+    w = (math.log(n) - math.log(lo)) / (math.log(hi) - math.log(lo))
+    o0, s0, p0, a0, b0 = at(lo)
+    o1, s1, p1, a1, b1 = at(hi)
+
+    def lerp_log(x0: float, x1: float) -> float:
+        return math.exp(math.log(max(x0, 1e-12)) + w * (math.log(max(x1, 1e-12)) - math.log(max(x0, 1e-12))))
+
+    pts = []
+    if p0 and p1 and [p[0] for p in p0] == [p[0] for p in p1]:
+        pts = [(x, lerp_log(y0, y1)) for (x, y0), (_, y1) in zip(p0, p1)]
+    return HostTerms(lerp_log(o0, o1), max(1.0, lerp_log(s0, s1)), tuple(pts), lerp_log(max(a0, 1e-9), max(a1, 1e-9)),
+                     lerp_log(b0, b1), ref_bytes, rates, True)
+
+
+# ---- measuring -----------------------------------------------------------------------------
+
+
+def fit_alpha_beta(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares t = alpha + bytes / bw over the points (alpha >= 0, bw > 0)."""
+    if len(points) < 2:
+        return (points[0][1] if points else 0.0), float("inf")
+    xs = [p[0] for p in points]
+    ys = [p[1] for p in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+    slope = max(slope, 1e-15)
+    alpha = max(0.0, my - slope * mx)
+    return alpha, 1.0 / slope
+
+
+def torch_gemm_table(sizes: tuple[int, ...], threads: list[int], dtypes: tuple[str, ...] = ("fp32", "bf16")) -> dict[str, Any]:
+    """GEMM FLOPS by dtype, thread count and square size, in this process."""
+    out: dict[str, Any] = {"framework_version": framework_version("torch")}
+    for key in dtypes:
+        out[key] = {str(t): {str(n): hardware.measure_gemm_flops(key, t, n=n, seconds=0.08 if n < 256 else 0.15)
+                             for n in sizes} for t in threads}
+    return out
+
+
+def _spawn(argv: list[str], envs: list[dict[str, str]], timeout: float, what: str) -> None:
+    """Start the processes in one new process group; kill them all on timeout or a failure."""
+    root = str(Path(__file__).resolve().parent.parent)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for i, env in enumerate(envs):
+            e = {**os.environ, **env, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+            procs.append(subprocess.Popen(argv, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                          process_group=0 if i == 0 else procs[0].pid))
+        deadline = time.time() + timeout
+        while True:
+            codes = [p.poll() for p in procs]
+            bad = [c for c in codes if c not in (None, 0)]
+            if bad:
+                err = (procs[codes.index(bad[0])].stderr.read() or b"").decode(errors="replace").strip().splitlines()  # type: ignore[union-attr]
+                raise RunFailed(f"calibration of {what} failed: {err[-1] if err else f'exit code {bad[0]}'}")
+            if all(c == 0 for c in codes):
+                return
+            if time.time() > deadline:
+                raise RunFailed(f"calibration of {what} did not finish within {timeout:g}s; killed it")
+            time.sleep(0.05)
+    finally:
+        if procs and any(p.poll() is None for p in procs):
+            try:
+                os.killpg(procs[0].pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            if p.stderr:
+                p.stderr.close()
+
+
+def measure_gloo(n: int, sizes: Sizes, timeout: float = 240.0) -> dict[str, Any]:
+    """All-reduce curve and GEMM slowdown of N gloo ranks (one thread each, as torch-ddp runs them)."""
+    from launchers.local import free_port
+
+    with tempfile.TemporaryDirectory(prefix="podscale-cal-") as tmp:
+        out = Path(tmp) / "out.json"
+        spec = json.dumps({"messages": sizes.messages, "reps": sizes.reps, "out": str(out)})
+        port = str(free_port())
+        envs = [{"RANK": str(r), "WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                 "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PODSCALE_CAL": spec} for r in range(n)]
+        _spawn([sys.executable, "-m", "scaling.calibrate", "--worker", "gloo"], envs, timeout, f"gloo at N={n}")
+        return json.loads(out.read_text())
+
+
+def measure_xla(n: int, sizes: Sizes, gemm_table: bool, timeout: float = 240.0) -> dict[str, Any]:
+    """psum curve and GEMM slowdown of N XLA-CPU devices in one process (as jax-pmap runs them)."""
+    with tempfile.TemporaryDirectory(prefix="podscale-cal-") as tmp:
+        out = Path(tmp) / "out.json"
+        spec = json.dumps({"messages": sizes.messages, "reps": sizes.reps, "out": str(out),
+                           "gemm": list(sizes.gemm) if gemm_table else []})
+        flags = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
+        envs = [{"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "PODSCALE_CAL": spec}]
+        _spawn([sys.executable, "-m", "scaling.calibrate", "--worker", "xla"], envs, timeout, f"XLA-CPU at N={n}")
+        return json.loads(out.read_text())
+
+
+def reference_step(backend: str, n: int, sizes: Sizes) -> float:
+    """Median step of the tiny reference model through the real backend at N devices."""
+    from launchers.local import run_local
+    from scaling.config import RunConfig
+    from scaling.meter import median_step_time
+
+    untimed = max(2, sizes.ref_steps // 5)
+    cfg = RunConfig(backend=backend, model="mlp", devices=n, global_batch=n, steps=sizes.ref_steps,
+                    untimed_steps=untimed, model_opts={k: str(v) for k, v in REF_MODEL_OPTS.items()},
+                    step_timeout=120.0, startup_timeout=300.0)
+    raw = run_local(cfg)
+    return median_step_time(raw["step_times"], untimed)
+
+
+def ref_grad_bytes() -> int:
+    d, h, o = REF_MODEL_OPTS["d_in"], REF_MODEL_OPTS["hidden"], REF_MODEL_OPTS["d_out"]
+    return 4 * (d * h + h + h * o + o)
+
+
+def calibrate(backends: list[str], device_counts: list[int], sizes: Sizes = QUICK, log: Callable[[str], None] | None = None,
+              existing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Measure ``backends`` at ``device_counts`` and merge into this host's calibration file."""
+    log = log or (lambda s: None)
+    for b in backends:
+        if b not in FAMILIES:
+            raise UsageError(f"cannot calibrate backend {b!r} on host-cpu; valid: {', '.join(FAMILIES)}")
+        pkg = FAMILIES[b][1]
+        if importlib.util.find_spec(pkg) is None:
+            raise UsageError(f"backend {b!r} needs {pkg!r}, not installed here")
+    for n in device_counts:
+        if n < 1:
+            raise UsageError(f"invalid --devices {n}: device counts must be positive integers")
+    data = existing if existing is not None else (load() or _empty())
+    data.update({"version": VERSION, "host": hardware.host_fingerprint(), "cores": hardware.host_cores()})
+    cores = hardware.host_cores()
+    fams = {FAMILIES[b][0] for b in backends}
+    if "gloo" in fams and not data["gemm"].get("torch"):
+        log(f"GEMM rates, torch, 1..{cores} threads")
+        data["gemm"]["torch"] = torch_gemm_table(sizes.gemm, list(range(1, cores + 1)))
+    for fam in sorted(fams):
+        colls = data["collectives"].setdefault(fam, {})
+        for n in device_counts:
+            if str(n) in colls and colls[str(n)].get("framework_version") == framework_version("torch" if fam == "gloo" else "jax"):
+                continue
+            log(f"{fam} all-reduce and GEMM contention at N={n}")
+            need_table = fam == "xla-cpu" and not data["gemm"].get("jax")
+            m = measure_gloo(n, sizes) if fam == "gloo" else measure_xla(n, sizes, need_table)
+            if need_table and "gemm" in m:
+                data["gemm"]["jax"] = {"framework_version": framework_version("jax"), **m.pop("gemm")}
+            pts = [(float(b), float(t)) for b, t in m["points"]]
+            alpha, bw = fit_alpha_beta(pts)
+            colls[str(n)] = {"points": pts, "alpha": alpha, "bw": bw, "slowdown": m["slowdown"],
+                             "ref_step_s": m.get("ref_step_s"), "framework_version": framework_version("torch" if fam == "gloo" else "jax")}
+    for b in backends:
+        fam, pkg = FAMILIES[b]
+        entry = data["backends"].setdefault(b, {"per_n": {}})
+        if entry.get("framework_version") != framework_version(pkg):
+            entry.clear()
+            entry["per_n"] = {}
+        entry.update({"framework_version": framework_version(pkg), "collective": fam, "ref_grad_bytes": ref_grad_bytes(),
+                      "ref_model": {"model": "mlp", **REF_MODEL_OPTS}})
+        for n in device_counts:
+            if str(n) in entry["per_n"]:
+                continue
+            log(f"{b}: reference step (mlp 16-16-1) at N={n}")
+            try:
+                step, source = reference_step(b, n, sizes), "podscale run (the real backend)"
+            except (ImportError, UsageError) as e:
+                coll = data["collectives"][fam][str(n)]
+                if not coll.get("ref_step_s"):
+                    raise UsageError(f"cannot calibrate {b}: {e}") from None
+                step, source = coll["ref_step_s"], "reference jax step (backend unavailable)"
+            entry["per_n"][str(n)] = {"overhead_s": step, "slowdown": data["collectives"][fam][str(n)]["slowdown"],
+                                      "overhead_source": source}
+    data["measured_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    save(data)
+    return data
+
+
+def ensure(backends: list[str], device_counts: list[int], quick: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The calibration, measuring only what is missing for (backend, N)."""
+    cal = load() or _empty()
+    missing_b = [b for b in backends if not all(str(n) in cal.get("backends", {}).get(b, {}).get("per_n", {}) for n in device_counts)
+                 or not cal.get("gemm", {}).get(FAMILIES.get(b, ("", "torch"))[1])]
+    if not missing_b:
+        return cal
+    return calibrate(missing_b, device_counts, QUICK if quick else FULL, log, existing=cal)
+
+
+# ---- workers (run in subprocesses) ------------------------------------------------------------
+
+
+def _time_calls(fn: Callable[[], Any], reps: int, inner: int) -> float:
+    """Median over ``reps`` of the mean time of ``inner`` back-to-back calls."""
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        out.append((time.perf_counter() - t) / inner)
+    return statistics.median(out)
+
+
+def _gloo_worker() -> None:
+    import torch
+    import torch.distributed as dist
+
+    spec = json.loads(os.environ["PODSCALE_CAL"])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    reps = spec["reps"]
+    # GEMM contention: every rank at once vs rank 0 alone
+    a = torch.randn(256, 256)
+    for _ in range(3):
+        a @ a
+    dist.barrier()
+    alone = 0.0
+    if rank == 0:
+        alone = _time_calls(lambda: a @ a, reps, 8)
+    dist.barrier()
+    t_all = torch.tensor([_time_calls(lambda: a @ a, reps, 8)])
+    dist.all_reduce(t_all)
+    together = float(t_all) / world
+    points = []
+    for nbytes in spec["messages"]:
+        buf = torch.zeros(max(1, nbytes // 4))
+        for _ in range(2):
+            dist.all_reduce(buf)
+        dist.barrier()
+        inner = 4 if nbytes < (1 << 20) else 2
+        t = torch.tensor([_time_calls(lambda: dist.all_reduce(buf), reps, inner)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        points.append((nbytes, float(t)))
+    if rank == 0:
+        Path(spec["out"]).write_text(json.dumps({"points": points, "slowdown": max(1.0, together / alone), "gemm_s": together}))
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # gloo may abort at interpreter exit (PLATFORM_NOTES)
+
+
+def _xla_worker() -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    spec = json.loads(os.environ["PODSCALE_CAL"])
+    reps = spec["reps"]
+    devs = jax.devices()
+    n = len(devs)
+    res: dict[str, Any] = {}
+    if spec.get("gemm"):
+        table: dict[str, Any] = {}
+        for key, dt in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
+            mm = jax.jit(lambda x: x @ x)
+            row = {}
+            for s in spec["gemm"]:
+                x = jnp.ones((s, s), dt)
+                mm(x).block_until_ready()
+                t = _time_calls(lambda: mm(x).block_until_ready(), reps, 4)
+                row[str(s)] = 2.0 * s**3 / t
+            table[key] = {"device": row}
+        res["gemm"] = table
+    one = jax.jit(lambda x: x @ x)
+    x1 = jnp.ones((256, 256), jnp.float32)
+    one(x1).block_until_ready()
+    alone = _time_calls(lambda: one(x1).block_until_ready(), reps, 8)
+    pm = jax.pmap(lambda x: x @ x)
+    xs = jnp.ones((n, 256, 256), jnp.float32)
+    pm(xs).block_until_ready()
+    together = _time_calls(lambda: pm(xs).block_until_ready(), reps, 8)
+    res["slowdown"] = max(1.0, together / alone)
+    psum = jax.pmap(lambda v: jax.lax.psum(v, "i"), axis_name="i")
+    points = []
+    for nbytes in spec["messages"]:
+        v = jnp.zeros((n, max(1, nbytes // 4)), jnp.float32)
+        psum(v).block_until_ready()
+        inner = 4 if nbytes < (1 << 20) else 2
+        points.append((nbytes, _time_calls(lambda: psum(v).block_until_ready(), reps, inner)))
+    res["points"] = points
+    # a reference DP step (mlp 16-16-1), used only when the jax backends are not installed
+    d, h, o = REF_MODEL_OPTS["d_in"], REF_MODEL_OPTS["hidden"], REF_MODEL_OPTS["d_out"]
+    rng = np.random.default_rng(0)
+    params = {"w1": rng.standard_normal((d, h), dtype=np.float32), "b1": np.zeros(h, np.float32),
+              "w2": rng.standard_normal((h, o), dtype=np.float32), "b2": np.zeros(o, np.float32)}
+
+    def step(p: Any, xb: Any, yb: Any) -> Any:
+        def loss(q: Any) -> Any:
+            return jnp.mean((jax.nn.relu(xb @ q["w1"] + q["b1"]) @ q["w2"] + q["b2"] - yb) ** 2)
+
+        lv, g = jax.value_and_grad(loss)(p)
+        g = jax.lax.pmean(g, "i")
+        return jax.tree.map(lambda a, b: a - 1e-3 * b, p, g), jax.lax.pmean(lv, "i")
+
+    pstep = jax.pmap(step, axis_name="i")
+    rp = jax.tree.map(lambda a: jnp.stack([a] * n), params)
+    xb = jnp.ones((n, 1, d), jnp.float32)
+    yb = jnp.ones((n, 1, o), jnp.float32)
+    for _ in range(3):
+        rp, lv = pstep(rp, xb, yb)
+        float(lv[0])
+    ts = []
+    for _ in range(max(10, reps * 3)):
+        t = time.perf_counter()
+        rp, lv = pstep(rp, xb, yb)
+        float(lv[0])
+        ts.append(time.perf_counter() - t)
+    res["ref_step_s"] = statistics.median(ts)
+    Path(spec["out"]).write_text(json.dumps(res))
+
+
+def _main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--worker", choices=("gloo", "xla"), required=True)
+    args = ap.parse_args()
+    _gloo_worker() if args.worker == "gloo" else _xla_worker()
+
+
+if __name__ == "__main__":
+    _main()
