@@ -1,0 +1,90 @@
+"""``podscale launch -- run ...`` (a run as a Ray job) and ``podscale cluster validate FILE``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from scaling.errors import UsageError
+
+TRAIN_HELP = ("how the job trains: ray = Ray Train TorchTrainer workers (torch-ddp) or one Ray actor per "
+              "JAX process (jax-*), spread over the cluster; local = the local launcher on the job's node; "
+              "auto (default) = ray where supported")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("launch", help="run on a Ray cluster (or a private local one) through the Ray Jobs API",
+                       description="podscale launch [options] -- run [run flags]")
+    p.add_argument("--address", default=None,
+                   help="Ray job server: http://127.0.0.1:8265 (e.g. through an SSH tunnel) or auto; "
+                        "default: start a private loopback-only Ray head for this job and stop it after")
+    p.add_argument("--train", choices=("auto", "ray", "local"), default="auto", help=TRAIN_HELP)
+    p.add_argument("--max-failures", type=int, default=0, dest="max_failures",
+                   help="worker-group restarts allowed, each from the last checkpoint (default 0)")
+    p.add_argument("--resource-timeout", type=float, default=60.0, dest="resource_timeout",
+                   help="seconds to wait for the cluster to fit the workers before failing (default 60)")
+    p.add_argument("--num-cpus", type=int, default=None, dest="num_cpus",
+                   help="logical CPUs of the private head (default: max(cores, devices + 1))")
+    p.add_argument("--python", default=None,
+                   help="the cluster's Python with podscale installed (default: this interpreter on a local head, else python)")
+    p.add_argument("--job-timeout", type=float, default=None, dest="job_timeout", help="stop the job after this many seconds")
+    p.add_argument("--quiet", action="store_true", help="no table, no job log on the console")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="-- run [flags of podscale run]")
+    p.set_defaults(func=main_launch)
+
+    c = sub.add_parser("cluster", help="Ray cluster-launcher YAMLs: check one offline")
+    csub = c.add_subparsers(dest="cluster_command", required=True, parser_class=type(p))
+    v = csub.add_parser("validate", help="validate a cluster YAML offline and print its peak PFLOPS")
+    v.add_argument("file", help="cluster YAML (see cluster/)")
+    v.set_defaults(func=main_validate)
+
+
+def main_launch(args: argparse.Namespace) -> int:
+    from launchers.ray_cluster import LaunchRequest, launch
+    from launchers.ray_job import parse_run_args
+
+    rest = list(args.rest)
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
+    if not rest:
+        raise UsageError("nothing to launch: use podscale launch [options] -- run [run flags]")
+    if rest[0] == "scale":
+        raise UsageError("launch -- scale is not available yet; use launch -- run")
+    if args.max_failures < -1:
+        raise UsageError(f"invalid --max-failures {args.max_failures}: must be >= 0 (or -1 for unlimited)")
+    if not args.resource_timeout > 0:
+        raise UsageError(f"invalid --resource-timeout {args.resource_timeout}: must be positive seconds")
+    cfg = parse_run_args(rest)  # bad run flags fail here, before any Ray starts
+    if args.num_cpus is not None and args.num_cpus < 1:
+        raise UsageError(f"invalid --num-cpus {args.num_cpus}: must be a positive integer")
+    import os
+
+    num_cpus = args.num_cpus or max(os.cpu_count() or 1, cfg.devices + 1)
+    req = LaunchRequest(run_argv=rest, address=args.address, train=args.train, max_failures=args.max_failures,
+                        resource_timeout=args.resource_timeout, python=args.python, num_cpus=num_cpus,
+                        want_params=cfg.params_out is not None, job_timeout=args.job_timeout)
+    echo = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    out = launch(req, echo)
+    from scaling.run import write_outputs
+
+    write_outputs(out.result, cfg)
+    if cfg.params_out and out.params_npz is not None:
+        from scaling.checkpoint import write_atomic
+
+        write_atomic(cfg.params_out, lambda f: f.write(out.params_npz))
+    if not args.quiet:
+        from rich.console import Console
+
+        from scaling.report import print_run
+
+        print_run(out.result, Console())
+    return 0
+
+
+def main_validate(args: argparse.Namespace) -> int:
+    from launchers.ray_clusterfile import validate_file
+
+    report = validate_file(Path(args.file))
+    print(report.summary())
+    return 0
