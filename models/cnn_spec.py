@@ -208,6 +208,32 @@ class CNNSpec(ModelSpec):
         return costs
 
 
+def _valid_taps(size: int, k: int, stride: int, pad: int) -> int:
+    """Kernel taps that land inside the input, summed over the output positions of one axis."""
+    out = (size + 2 * pad - k) // stride + 1
+    return sum(sum(1 for j in range(k) if 0 <= i * stride - pad + j < size) for i in range(out))
+
+
+def train_flops_without_padding(spec: CNNSpec) -> int:
+    """Train FLOPs per sample counting only taps on real (non-padding) inputs.
+
+    XLA's cost analysis counts a convolution this way, ``FlopCounterMode`` and the spec count the
+    full k x k window at every output; the ratio of the two is the padding share of the network.
+    """
+    total, first = 0, True
+    for op, s, _t in spec.shapes():
+        if op.kind == "conv":
+            ci, co, k, st, p, _ = op.args
+            fwd = 2 * ci * co * _valid_taps(s[1], k, st, p) * _valid_taps(s[2], k, st, p)
+        elif op.kind == "linear":
+            fwd = 2 * op.args[0] * op.args[1]
+        else:
+            continue
+        total += fwd * (2 if first else 3)
+        first = False
+    return total
+
+
 def _pool_ops(spec: CNNSpec, ops: list[Op], k: int, s: int, p: int, name: str) -> None:
     """Append a max-pool unless its window no longer fits the current map (small inputs)."""
     size = spec.image_size

@@ -20,6 +20,8 @@ from models.spec import ModelSpec
 #: model name -> module exposing ``build(spec, params, dtype)`` and ``to_canonical(spec, module)``
 MODULES: dict[str, str] = {
     "mlp": "models.flax.mlp",
+    **{name: "models.flax.cnn" for name in ("alexnet", "vgg16", "resnet18", "resnet50")},
+    "gpt-tiny": "models.flax.gpt",
 }
 
 
