@@ -222,6 +222,19 @@ def host_terms(cal: dict[str, Any], backend: str, n: int, dtype: str = "float32"
                      lerp_log(b0, b1), ref_bytes, rates, True)
 
 
+def host_peak(cal: dict[str, Any], key: str) -> float | None:
+    """host-cpu's peak for MFU: the cached measurement (``hardware.measured_host_peaks``) or, failing
+    that, the calibration's best torch GEMM rate on the most threads."""
+    cached = hardware.measured_host_peaks(measure=False).get(key)
+    if cached:
+        return cached
+    table = cal.get("gemm", {}).get("torch", {}).get(key, {})
+    if not table:
+        return None
+    most = max(table, key=int)
+    return max(table[most].values())
+
+
 # ---- measuring -----------------------------------------------------------------------------
 
 

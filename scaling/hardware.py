@@ -132,11 +132,12 @@ def ids() -> list[str]:
 
 
 def closest(hw_id: str, n: int = 3) -> list[str]:
+    """Catalog ids nearest to a mistyped one: ids containing it first (h100 -> h100-sxm), then by spelling."""
     raw = list(_raw_catalog())
-    close = difflib.get_close_matches(hw_id, raw, n=n, cutoff=0.3)
-    if not close:
-        close = [k for k in raw if hw_id.lower() in k or k in hw_id.lower()][:n]
-    return close
+    q = hw_id.lower()
+    close = sorted((k for k in raw if q and (q in k or k in q)), key=len)
+    close += [k for k in difflib.get_close_matches(q, raw, n=n, cutoff=0.3) if k not in close]
+    return close[:n]
 
 
 def get(hw_id: str) -> Hardware:

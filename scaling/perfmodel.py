@@ -217,7 +217,7 @@ def predict_step(model_spec: Any, hw_id: str, devices: int, global_batch: float,
     _check_sizes(devices, global_batch)
     if dtype not in hardware.PEAK_DTYPE:
         raise UsageError(f"invalid --dtype {dtype!r}; valid: {', '.join(hardware.PEAK_DTYPE)}")
-    hw = hardware.get(hw_id)
+    hw = hardware.get(hw_id) if hw_id != "host-cpu" else hardware._build("host-cpu", hardware._raw_catalog())
     hw.check_devices(devices)
     wl = workload(model_spec)
     flops = wl.train_flops_per_sample * global_batch
@@ -245,6 +245,7 @@ def _predict_host(wl: Workload, hw: hardware.Hardware, n: int, global_batch: flo
                   calibration: Any) -> Estimate:
     from scaling import calibrate
 
+    hw = replace(hw, peak_flops={})  # host-cpu's peak comes from the calibration (no second measurement)
     cal = calibration if calibration is not None else calibrate.load()
     if cal is None:
         raise UsageError("no calibration of this host yet: run `podscale calibrate` (host-cpu predictions are measured, not guessed)")
@@ -257,7 +258,7 @@ def _predict_host(wl: Workload, hw: hardware.Hardware, n: int, global_batch: flo
     step = terms.overhead + compute + comm
     flops = wl.train_flops_per_sample * global_batch
     key = hardware.PEAK_DTYPE[dtype]
-    peak = hw.peak(key)  # shared by all emulated devices: not multiplied by N
+    peak = calibrate.host_peak(cal, key)  # shared by all emulated devices: not multiplied by N
     return Estimate(wl.name, hw.id, n, global_batch, dtype, backend, step, compute, comm, comm, terms.overhead,
                     global_batch / step, flops, flops / step, peak, key, (flops / step / peak) if peak else None,
                     None, 0.0, f"calibration of this host ({backend}, N={n}{', interpolated' if terms.interpolated else ''})")
@@ -322,8 +323,9 @@ def predict_run(cfg: Any, hw_id: str) -> float | None:
 
     Called by ``scaling.run.finish`` for every run; never calibrates and never raises."""
     try:
-        hw = hardware.get(hw_id)
-        if hw.id == "host-cpu":
+        if hw_id != "host-cpu":
+            hardware.get(hw_id)
+        else:
             from scaling import calibrate
 
             cal = calibrate.load()
