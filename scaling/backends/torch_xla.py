@@ -48,6 +48,22 @@ def platform() -> str:
     return "TPU" if importlib.util.find_spec("libtpu") is not None else "CPU"
 
 
+#: TPU VM accelerator type prefix (TPU_ACCELERATOR_TYPE, e.g. v5litepod-8) -> catalog id of one chip
+TPU_TYPES = (("v5litepod", "tpu-v5e"), ("v5e", "tpu-v5e"), ("v5p", "tpu-v5p"), ("v6e", "tpu-v6e"),
+             ("v4", "tpu-v4"), ("v3", "tpu-v3-chip"), ("v2", "tpu-v2-chip"))
+
+
+def hardware_id(pjrt: str) -> str:
+    """Catalog id of the chip a run used. An unknown TPU stays ``tpu`` (not in the catalog: MFU is
+    left empty, never another chip's peak); ``--hardware`` overrides."""
+    if pjrt == "CPU":
+        return "host-cpu"
+    acc = os.environ.get("TPU_ACCELERATOR_TYPE", "").lower()
+    if pjrt == "TPU":
+        return next((hw for prefix, hw in TPU_TYPES if acc.startswith(prefix)), "tpu")
+    return pjrt.lower()
+
+
 def validate(cfg: RunConfig) -> None:
     plat = platform()
     if cfg.checkpoint_dir or cfg.resume:
@@ -206,7 +222,7 @@ def train(cfg: RunConfig, ctx: Any) -> dict[str, Any] | None:
         "final_params_l2": tc.params_l2(final),
         "replicas_identical": len(set(digests)) == 1,
         "device_kind": xr.device_type().lower(),
-        "hardware": "host-cpu" if xr.device_type() == "CPU" else xr.device_type().lower(),
+        "hardware": hardware_id(xr.device_type()),
         "processes": xr.process_count() if spmd else world,
         "versions": {"torch": torch.__version__, "torch_xla": torch_xla.__version__},
         # the compiled module is one device's program: times the devices = the whole step

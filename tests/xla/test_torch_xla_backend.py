@@ -147,6 +147,17 @@ def test_torchrun_two_processes_same_results(runs: Runs, inputs: Path) -> None:
 
 
 @pytest.mark.xla
+def test_xmp_on_one_cpu_device_trains(runs: Runs, inputs: Path) -> None:
+    """torch_xla's own spawn works with a single CPU device (the broken case is several)."""
+    result, params, _ = runs.get("torch-xla", 1, launcher="xmp")
+    ref_losses, ref_params = reference(inputs, *CASES[1])
+    np.testing.assert_allclose(result["losses"], ref_losses, rtol=1e-5)
+    for k, v in ref_params.items():
+        np.testing.assert_allclose(params[k], v, rtol=1e-5, atol=1e-7, err_msg=k)
+    assert result["backend_info"]["launcher"] == "xmp" and result["replicas_identical"] is True
+
+
+@pytest.mark.xla
 def test_xmp_on_several_cpu_devices_is_refused_with_the_reason() -> None:
     p = podscale("run", "--backend", "torch-xla", "--launcher", "xmp", "--devices", "2", "--steps", "3",
                  env={"PJRT_DEVICE": "CPU"}, check=False, timeout=60)
