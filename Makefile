@@ -21,8 +21,26 @@ venv: $(VENV)/.installed
 run: venv
 	$(VENV)/bin/podscale scale
 
-test: venv
+test: test-main test-xla
+
+test-main: venv
 	$(VPY) -m pytest -q
+
+# torch-xla lives in its own venv: torch_xla 2.9 needs torch 2.9.x, the main venv has 2.13.
+# Packages come pinned by constraints-xla.txt; podscale goes in without deps so nothing moves torch.
+XLA_PKGS := torch torch_xla jax jaxlib flax optax numpy rich matplotlib tensorboard pyyaml \
+	pytest pytest-timeout tbparse nbclient ipykernel packaging
+
+$(XVENV)/.installed: constraints-xla.txt pyproject.toml
+	test -x $(XPY) || $(PY) -m venv $(XVENV)
+	$(XPY) -m pip install $(PIP_QUIET) -c constraints-xla.txt $(XLA_PKGS) 2>&1 | grep -v "is ignored" || true
+	$(XPY) -m pip install $(PIP_QUIET) --no-deps -e . 2>&1 | grep -v "is ignored" || true
+	$(XPY) -c "import torch, torch_xla, jax, flax, scaling" && touch $@
+
+venv-xla: $(XVENV)/.installed
+
+test-xla: venv-xla
+	PJRT_DEVICE=CPU $(XPY) -m pytest -q tests/xla
 
 bench: venv
 	$(VPY) bench/overhead.py
