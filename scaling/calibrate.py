@@ -238,6 +238,17 @@ def host_peak(cal: dict[str, Any], key: str) -> float | None:
 # ---- measuring -----------------------------------------------------------------------------
 
 
+def monotone(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """More bytes never take less time: a small message slowed by a scheduling hiccup (2 cores shared
+    by N ranks) is capped by the larger messages measured after it (running minimum from the right)."""
+    out: list[tuple[float, float]] = []
+    best = float("inf")
+    for b, t in sorted(points, reverse=True):
+        best = min(best, t)
+        out.append((b, best))
+    return out[::-1]
+
+
 def fit_alpha_beta(points: list[tuple[float, float]]) -> tuple[float, float]:
     """Least-squares t = alpha + bytes / bw over the points (alpha >= 0, bw > 0)."""
     if len(points) < 2:
@@ -371,7 +382,7 @@ def calibrate(backends: list[str], device_counts: list[int], sizes: Sizes = QUIC
             m = measure_gloo(n, sizes) if fam == "gloo" else measure_xla(n, sizes, need_table)
             if need_table and "gemm" in m:
                 data["gemm"]["jax"] = {"framework_version": framework_version("jax"), **m.pop("gemm")}
-            pts = [(float(b), float(t)) for b, t in m["points"]]
+            pts = monotone([(float(b), float(t)) for b, t in m["points"]])
             alpha, bw = fit_alpha_beta(pts)
             colls[str(n)] = {"points": pts, "alpha": alpha, "bw": bw, "slowdown": m["slowdown"],
                              "ref_step_s": m.get("ref_step_s"), "framework_version": framework_version("torch" if fam == "gloo" else "jax")}
