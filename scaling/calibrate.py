@@ -415,6 +415,7 @@ def calibrate(backends: list[str], device_counts: list[int], sizes: Sizes = QUIC
 def ensure(backends: list[str], device_counts: list[int], quick: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The calibration, measuring only what is missing for (backend, N)."""
     cal = load() or _empty()
+    backends = [b for b in backends if b in FAMILIES]  # others (torch-xla) have no host calibration: no prediction
     missing_b = [b for b in backends if not all(str(n) in cal.get("backends", {}).get(b, {}).get("per_n", {}) for n in device_counts)
                  or not cal.get("gemm", {}).get(FAMILIES.get(b, ("", "torch"))[1])]
     if not missing_b:
