@@ -129,7 +129,14 @@ class _LogEcho:
 
 
 def _client(address: str):
+    import logging
+
     from ray.job_submission import JobSubmissionClient
+
+    # packaging chatter ("uploading package", default excludes) is not the user's business
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("ray._private.runtime_env", "ray.dashboard")):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
     try:
         return JobSubmissionClient(address)
@@ -147,8 +154,11 @@ def submit_and_wait(req: LaunchRequest, address: str, echo: Callable[[str], None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunFailed(f"the Ray job server at {address} refused the job: {first[:300]}") from None
     try:
+        t0 = time.monotonic()
         _follow(client, job_id, echo, req.job_timeout)
-        status = _wait_terminal(client, job_id, 60.0 if req.job_timeout is None else req.job_timeout)
+        # after a followed log ends the job is (nearly) done; unfollowed, the wait is the job itself
+        left = None if req.job_timeout is None else max(1.0, req.job_timeout - (time.monotonic() - t0))
+        status = _wait_terminal(client, job_id, 60.0 if echo is not None and left is None else left)
     except BaseException:
         try:
             client.stop_job(job_id)
@@ -177,15 +187,15 @@ def _follow(client: Any, job_id: str, echo: Callable[[str], None] | None, timeou
         le.close()
 
 
-def _wait_terminal(client: Any, job_id: str, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
+def _wait_terminal(client: Any, job_id: str, timeout: float | None) -> str:
+    deadline = float("inf") if timeout is None else time.monotonic() + timeout
     while True:
         st = client.get_job_status(job_id)
         status = str(getattr(st, "value", st))
         if status in TERMINAL:
             return status
         if time.monotonic() > deadline:
-            raise RunFailed(f"Ray job {job_id} still {status} after {timeout:g}s; stopped it")
+            raise RunFailed(f"Ray job {job_id} still {status} after {timeout:g}s (--job-timeout); stopped it")
         time.sleep(0.5)
 
 

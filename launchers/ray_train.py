@@ -46,6 +46,23 @@ def _newest_podscale_checkpoint(root: str | Path) -> Path | None:
     return best[1] if best else None
 
 
+def _pick_resume_point(config: dict[str, Any], cfg: RunConfig, work: Path) -> Path | None:
+    """The newest of: Ray Train's registered checkpoint, rank 0's atomic copy in the storage path
+    (Ray can drop a report that lands just before a worker dies), and a --resume source."""
+    import ray.train
+
+    sources = [d for d in (config.get("atomic_dir"), cfg.checkpoint_dir if cfg.resume else None) if d]
+    candidates = [p for d in sources if (p := _newest_podscale_checkpoint(d)) is not None]
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            found = _newest_podscale_checkpoint(d)
+            if found is not None:
+                shutil.copy2(found, work / found.name)
+                candidates.append(work / found.name)
+    return max(candidates, key=lambda p: int(checkpoint.PATTERN.match(p.name).group(1)), default=None)
+
+
 def _train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     """One Ray Train worker: restore the newest checkpoint if there is one, train, rank 0 returns."""
     import numpy as np
@@ -65,19 +82,16 @@ def _train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     ckdir = work / "ckpt"
     ckdir.mkdir()
     try:
-        resume = False
-        restored = ray.train.get_checkpoint()
-        if restored is not None:
-            with restored.as_directory() as d:
-                found = _newest_podscale_checkpoint(d)
-                if found is not None:
-                    shutil.copy2(found, ckdir / found.name)
-                    resume = True
-        elif cfg.resume and cfg.checkpoint_dir:
-            found = _newest_podscale_checkpoint(cfg.checkpoint_dir)
-            if found is not None:
-                shutil.copy2(found, ckdir / found.name)
-                resume = True
+        best = _pick_resume_point(config, cfg, work) if rank == 0 else None
+        # rank 0 decides and sends the file: every rank resumes from the same step, even on nodes
+        # that cannot see the storage path
+        import torch.distributed as dist
+
+        box = [None if best is None else (best.name, best.read_bytes())]
+        dist.broadcast_object_list(box, src=0)
+        resume = box[0] is not None
+        if resume:
+            (ckdir / box[0][0]).write_bytes(box[0][1])
         run_cfg = cfg.replace(checkpoint_dir=str(ckdir), resume=resume, json_path=None, params_out=None, logdir=None)
 
         def report(step: int, losses: list[float]) -> None:
@@ -88,6 +102,10 @@ def _train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
             stage = work / f"stage-{step:08d}"
             stage.mkdir()
             src = checkpoint.path_for(ckdir, step, "pt")
+            if config.get("atomic_dir"):
+                with open(src, "rb") as f_in:
+                    checkpoint.write_atomic(Path(config["atomic_dir"]) / src.name, lambda f: shutil.copyfileobj(f_in, f))
+                checkpoint.prune(config["atomic_dir"], "pt")
             shutil.copy2(src, stage / src.name)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(stage)),
                              checkpoint_dir_name=f"checkpoint_{step:08d}")
@@ -124,7 +142,7 @@ def wait_for_resources(workers: int, use_gpu: bool, timeout: float) -> None:
         if not short:
             return
         if time.monotonic() >= deadline:
-            what = "; ".join(f"needs {v:g} {k} ({workers} workers), the cluster has {h:g}" for k, (v, h) in short.items())
+            what = "; ".join(f"needs {v:g} {k} ({workers} workers), the cluster has {h:g} {k}" for k, (v, h) in short.items())
             raise RunFailed(
                 f"too few resources for the Ray Train worker group: {what}; waited {timeout:g}s "
                 f"(--resource-timeout) for the cluster to grow. Use fewer --devices or a bigger cluster"
@@ -153,13 +171,15 @@ def run_torch(cfg: RunConfig, max_failures: int, resource_timeout: float, storag
     else:
         own_storage = tempfile.mkdtemp(prefix="podscale-raystore-")
         store = own_storage
+    name = f"podscale-{int(time.time() * 1000)}"
+    atomic_dir = None if "://" in store else os.path.join(store, name, "podscale-checkpoints")
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"cfg": cfg.to_json()},
+        train_loop_config={"cfg": cfg.to_json(), "atomic_dir": atomic_dir},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=max(1, int(cfg.step_timeout))),
         scaling_config=ScalingConfig(num_workers=cfg.devices, use_gpu=use_gpu),
         run_config=RayRunConfig(
-            name=f"podscale-{int(time.time() * 1000)}",
+            name=name,
             storage_path=store,
             # a startup timeout (too few resources) is a controller failure: never retried
             failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=0),
