@@ -55,8 +55,8 @@ def predict(cfg: RunConfig, hw_id: str) -> float | None:
 def finish(cfg: RunConfig, raw: dict[str, Any]) -> dict[str, Any]:
     spec = get_spec(cfg.model, **cfg.model_opts)
     hw_id, hw = resolve_hardware(cfg, raw)
-    peak_key = hardware.PEAK_DTYPE[cfg.dtype]
-    device_peak = hw.peak(peak_key) if hw else None
+    # TPUs publish no fp32 matmul peak: an fp32 run there is measured against bf16, and says so
+    peak_key, device_peak = hw.peak_for(cfg.dtype) if hw else (hardware.PEAK_DTYPE[cfg.dtype], None)
     peak = run_peak(device_peak, cfg.devices, shared_host=bool(hw and hw.kind == "cpu"))
     step_times = list(raw["step_times"])
     st = median_step_time(step_times, cfg.untimed_steps)
