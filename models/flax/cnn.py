@@ -20,6 +20,7 @@ torch's momentum convention, and it has the three data-parallel modes the backen
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import jax
@@ -61,6 +62,25 @@ class Linear(nnx.Module):
         return y + self.b[...] if self.b is not None else y
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _allreduce_sum(x: jax.Array, axis_name: str) -> jax.Array:
+    """Sum over replicas whose gradient is the sum over replicas of the incoming gradients: every
+    replica's loss depends on every replica's statistics (torch's ``_AllReduceSum``). Written out
+    because what ``psum`` transposes to depends on JAX's replication typing."""
+    return lax.psum(x, axis_name)
+
+
+def _allreduce_fwd(x: jax.Array, axis_name: str) -> tuple[jax.Array, None]:
+    return lax.psum(x, axis_name), None
+
+
+def _allreduce_bwd(axis_name: str, _res: None, g: jax.Array) -> tuple[jax.Array]:
+    return (lax.psum(g, axis_name),)
+
+
+_allreduce_sum.defvjp(_allreduce_fwd, _allreduce_bwd)
+
+
 class BatchNorm(nnx.Module):
     def __init__(self, op: Op, params: dict[str, np.ndarray], state: dict[str, np.ndarray]):
         self.scale = nnx.Param(jnp.asarray(params[f"{op.name}.scale"]))
@@ -80,14 +100,13 @@ class BatchNorm(nnx.Module):
         g = self.groups
         xg = x.reshape(g, b // g, h, w, c)
         n = (b // g) * h * w
-        mean = xg.mean(axis=(1, 2, 3), keepdims=True)
-        if self.axis_name and self.sync:
-            mean = lax.pmean(mean, self.axis_name)
-        xc = xg - mean
-        var = (xc * xc).mean(axis=(1, 2, 3), keepdims=True)
-        if self.axis_name and self.sync:
-            var = lax.pmean(var, self.axis_name)
+        sync = bool(self.axis_name and self.sync)
+        total = (lambda v: _allreduce_sum(v, self.axis_name)) if sync else (lambda v: v)
+        if sync:
             n = n * lax.psum(1, self.axis_name)
+        mean = total(xg.sum(axis=(1, 2, 3), keepdims=True)) / n
+        xc = xg - mean
+        var = total((xc * xc).sum(axis=(1, 2, 3), keepdims=True)) / n
         y = xc * lax.rsqrt(var + BN_EPS) * self.scale[...] + self.bias[...]
         # running statistics: torch's update, averaged over groups (and replicas)
         bm = lax.stop_gradient(mean.reshape(g, c).mean(axis=0))

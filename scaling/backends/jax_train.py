@@ -18,6 +18,7 @@ communication and FLOPs of exactly the program it timed.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -35,6 +36,7 @@ from models import flax as mflax
 from models.spec import ModelSpec, get_spec
 from scaling import checkpoint
 from scaling.backends import jax_hlo
+from scaling.backends.jax_dp import hardware_id, step_kind
 from scaling.config import RunConfig
 from scaling.data import load_dataset, load_init
 from scaling.errors import UsageError
@@ -56,17 +58,21 @@ def make_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
     return optax.sgd(cfg.lr)
 
 
-def loss_denominator(spec: ModelSpec, cfg: RunConfig) -> int:
-    """What the summed loss is divided by: torch's ``reduction='mean'`` over the global batch."""
+def loss_denominator(cfg: RunConfig, y_sample_shape: tuple[int, ...]) -> int:
+    """What the summed loss is divided by for ``mean``: every loss element of the global batch
+    (samples × outputs for squared error, samples × positions for sequence cross-entropy), which
+    is what torch's ``F.mse_loss``/``F.cross_entropy(reduction='mean')`` divide by."""
     if cfg.loss_reduction == "sum":
         return 1
-    return cfg.global_batch * (1 if spec.task == "classification" else spec.output_dim)
+    return cfg.global_batch * math.prod(y_sample_shape)
 
 
 def summed_loss(spec: ModelSpec, out: jax.Array, y: jax.Array) -> jax.Array:
     out = out.astype(jnp.float32)
     if spec.task == "classification":
-        return optax.softmax_cross_entropy_with_integer_labels(out, y).sum()
+        # sequence models classify every position: flatten the leading axes, as torch_common does
+        logits = out.reshape(-1, out.shape[-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y.reshape(-1)).sum()
     return jnp.sum((out - y) ** 2)
 
 
@@ -115,12 +121,28 @@ class Program:
         return [np.ascontiguousarray(np.asarray(s.data)).tobytes() for s in a.addressable_shards]
 
 
-def make_program(cfg: RunConfig, spec: ModelSpec, graphdef: Any, tx: optax.GradientTransformation, devices: list[Any]) -> Program:
-    denom = loss_denominator(spec, cfg)
+def make_program(cfg: RunConfig, spec: ModelSpec, graphdef: Any, tx: optax.GradientTransformation, devices: list[Any],
+                 y_sample_shape: tuple[int, ...]) -> Program:
+    denom = loss_denominator(cfg, y_sample_shape)
+
+    def loss_grads_stats(state: Any, x: jax.Array, y: jax.Array) -> tuple[jax.Array, Any, Any]:
+        """Also the batch-norm running statistics the forward wrote (empty without BN); the
+        module already pmean'd them over the replicas (models/flax/cnn.py)."""
+        def f(s: Any) -> tuple[jax.Array, Any]:
+            model = nnx.merge(graphdef, s)
+            return summed_loss(spec, model(x), y) / denom, nnx.state(model, nnx.BatchStat)
+
+        (loss, stats), grads = jax.value_and_grad(f, has_aux=True)(state)
+        return loss, grads, stats
 
     def loss_and_grads(state: Any, x: jax.Array, y: jax.Array) -> tuple[jax.Array, Any]:
+        """One device's slice on its own (FLOP counting): batch norm without the pmap axis."""
+        from models.flax.cnn import configure_bn
+
         def f(s: Any) -> jax.Array:
-            return summed_loss(spec, nnx.merge(graphdef, s)(x), y) / denom
+            model = nnx.merge(graphdef, s)
+            configure_bn(model)
+            return summed_loss(spec, model(x), y) / denom
 
         return jax.value_and_grad(f)(state)
 
@@ -133,9 +155,10 @@ def make_program(cfg: RunConfig, spec: ModelSpec, graphdef: Any, tx: optax.Gradi
 
     if cfg.backend == "jax-pmap":
         def pstep(state: Any, opt_state: Any, x: jax.Array, y: jax.Array) -> tuple[Any, Any, jax.Array]:
-            loss, grads = loss_and_grads(state, x, y)
+            loss, grads, stats = loss_grads_stats(state, x, y)
             grads, loss = lax.psum((grads, loss), AXIS)
             state, opt_state = update(state, opt_state, grads)
+            state = nnx.merge_state(state, stats)  # BN running stats (zero grads left them unchanged)
             return state, opt_state, loss
 
         all_devices = len(devices) == jax.device_count()
@@ -154,11 +177,26 @@ def make_program(cfg: RunConfig, spec: ModelSpec, graphdef: Any, tx: optax.Gradi
     rep, dat = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
 
     def step(state: Any, opt_state: Any, x: jax.Array, y: jax.Array) -> tuple[Any, Any, jax.Array]:
-        loss, grads = loss_and_grads(state, x, y)  # global batch: the partitioner all-reduces
+        loss, grads, stats = loss_grads_stats(state, x, y)  # global batch: the partitioner all-reduces
         state, opt_state = update(state, opt_state, grads)
+        state = nnx.merge_state(state, stats)
         return state, opt_state, loss
 
-    fn = jax.jit(step, in_shardings=(rep, rep, dat, dat), out_shardings=(rep, rep, rep))
+    if step_kind() == "shard_map":
+        # explicit collectives: check_vma=False, or JAX's own psum of the replicated params'
+        # gradient plus ours would count it N times (PLATFORM_NOTES)
+        def sm_step(state: Any, opt_state: Any, x: jax.Array, y: jax.Array) -> tuple[Any, Any, jax.Array]:
+            loss, grads = loss_and_grads(state, x, y)
+            grads, loss = lax.psum((grads, loss), AXIS)
+            state, opt_state = update(state, opt_state, grads)
+            return state, opt_state, loss
+
+        body = jax.shard_map(sm_step, mesh=mesh, in_specs=(P(), P(), P(AXIS), P(AXIS)), out_specs=(P(), P(), P()), check_vma=False)
+        fn = jax.jit(body, in_shardings=(rep, rep, dat, dat), out_shardings=(rep, rep, rep))
+        kind = "shard_map"
+    else:
+        fn = jax.jit(step, in_shardings=(rep, rep, dat, dat), out_shardings=(rep, rep, rep))
+        kind = "jit"
 
     def put_rep_j(a: np.ndarray) -> jax.Array:
         a = np.asarray(a)
@@ -167,7 +205,7 @@ def make_program(cfg: RunConfig, spec: ModelSpec, graphdef: Any, tx: optax.Gradi
     def put_batch_j(a: np.ndarray, global_batch: int) -> jax.Array:
         return jax.make_array_from_process_local_data(dat, a, (global_batch, *a.shape[1:]))
 
-    return Program("jit", devices, local, fn, put_rep_j, put_batch_j, loss_and_grads)
+    return Program(kind, devices, local, fn, put_rep_j, put_batch_j, loss_and_grads)
 
 
 # ---- the run ---------------------------------------------------------------------------------
@@ -175,6 +213,7 @@ def make_program(cfg: RunConfig, spec: ModelSpec, graphdef: Any, tx: optax.Gradi
 @dataclass
 class Setup:
     spec: ModelSpec
+    data: Any
     graphdef: Any
     state: Any
     opt_state: Any
@@ -184,13 +223,19 @@ class Setup:
 
 def setup(cfg: RunConfig, params: dict[str, np.ndarray] | None = None) -> Setup:
     spec = get_spec(cfg.model, **cfg.model_opts)
+    data = load_dataset(spec, cfg.data, cfg.global_batch, cfg.seed)
     params = load_init(spec, cfg.init, cfg.seed) if params is None else params
-    graphdef, state = nnx.split(mflax.build(spec, params, dtype=compute_dtype(cfg)))
+    model = mflax.build(spec, params, dtype=compute_dtype(cfg))
+    from models.flax.cnn import configure_bn  # batch-norm DP mode; no-op for models without BN
+
+    pmap = cfg.backend == "jax-pmap"
+    configure_bn(model, axis_name=AXIS if pmap else None, sync=cfg.sync_bn, groups=1 if (pmap or cfg.sync_bn) else cfg.devices)
+    graphdef, state = nnx.split(model)
     state = jax.tree.map(np.asarray, state)
     tx = make_optimizer(cfg)
     opt_state = jax.tree.map(np.asarray, tx.init(state))
-    program = make_program(cfg, spec, graphdef, tx, run_devices(cfg))
-    return Setup(spec, graphdef, state, opt_state, tx, program)
+    program = make_program(cfg, spec, graphdef, tx, run_devices(cfg), tuple(data.y.shape[1:]))
+    return Setup(spec, data, graphdef, state, opt_state, tx, program)
 
 
 def local_batch(data: Any, step: int, cfg: RunConfig, process: int, processes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -211,9 +256,7 @@ def compile_step(s: Setup, cfg: RunConfig, state: Any, opt_state: Any, x: Any, y
     """
     compiled = s.program.jitted.lower(state, opt_state, x, y).compile()
     b = cfg.per_device_batch
-    xs = jax.ShapeDtypeStruct((b, *s.spec.input_shape), jnp.float32)
-    ys = jax.ShapeDtypeStruct((b,) if s.spec.task == "classification" else (b, s.spec.output_dim),
-                              jnp.int32 if s.spec.task == "classification" else jnp.float32)
+    xs, ys = (jax.ShapeDtypeStruct((b, *a.shape[1:]), jnp.asarray(a[:1]).dtype) for a in (s.data.x, s.data.y))
     grad_flops = jax_hlo.cost_flops(jax.jit(s.program.loss_and_grads).lower(s.state, xs, ys).cost_analysis())
     stats = {
         "comm_bytes_per_step": jax_hlo.allreduce_bytes(compiled.as_text()) if cfg.devices > 1 else 0,
@@ -225,27 +268,12 @@ def compile_step(s: Setup, cfg: RunConfig, state: Any, opt_state: Any, x: Any, y
 
 def compiled_stats(cfg: RunConfig) -> dict[str, Any]:
     s = setup(cfg)
-    data = load_dataset(s.spec, cfg.data, cfg.global_batch, cfg.seed)
+    data = s.data
     p = s.program
     x, y = local_batch(data, 0, cfg, jax.process_index(), jax.process_count())
     put = lambda t: jax.tree.map(p.put_replicated, t)  # noqa: E731
     _, stats = compile_step(s, cfg, put(s.state), put(s.opt_state), p.put_batch(x, cfg.global_batch), p.put_batch(y, cfg.global_batch))
     return stats
-
-
-def hardware_id(device: Any) -> str:
-    """Catalog id of the chip under the run (unknown chips get a name, never another's peak)."""
-    if device.platform == "cpu":
-        return "host-cpu"
-    kind = str(getattr(device, "device_kind", "")).lower()
-    if device.platform == "gpu" or "nvidia" in kind:
-        return "h200" if "h200" in kind else "h100-sxm" if "h100" in kind else "unknown-gpu"
-    if "tpu" in kind:
-        gen = kind.replace("tpu", "").strip()
-        lite = "lite" in gen or gen.endswith("e")
-        num = "".join(ch for ch in gen.split()[0] if ch.isdigit()) if gen else ""
-        return f"tpu-v{num}{'e' if lite and num in ('5', '6') else 'p' if num == '5' else ''}" if num else "unknown-tpu"
-    return f"unknown-{device.platform}"
 
 
 def _init_distributed(cfg: RunConfig, ctx: Any) -> None:
@@ -332,8 +360,7 @@ def train(cfg: RunConfig, ctx: Any) -> dict[str, Any] | None:
     """Train on this process's devices; process 0 returns the raw record."""
     pid, nproc = jax.process_index(), jax.process_count()
     s = setup(cfg)
-    prog, spec = s.program, s.spec
-    data = load_dataset(spec, cfg.data, cfg.global_batch, cfg.seed)
+    prog, spec, data = s.program, s.spec, s.data
 
     start, losses_done, times_done = 0, [], []
     state, opt_state = s.state, s.opt_state
@@ -367,7 +394,8 @@ def train(cfg: RunConfig, ctx: Any) -> dict[str, Any] | None:
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps and pid == 0:
             save_checkpoint(cfg, step + 1, prog, state, opt_state, losses_done + losses, times_done + timer.times)
 
-    final = mflax.to_canonical(spec, nnx.merge(s.graphdef, jax.tree.map(prog.first, state)))
+    model = nnx.merge(s.graphdef, jax.tree.map(prog.first, state))
+    final = mflax.to_canonical(spec, model)
     identical = _replicas_identical(prog, state)
     if pid != 0:
         return None
@@ -381,6 +409,7 @@ def train(cfg: RunConfig, ctx: Any) -> dict[str, Any] | None:
         "final_params_l2": float(np.sqrt(sum(float(np.sum(p.astype(np.float64) ** 2)) for p in final.values()))),
         "replicas_identical": identical,
         "resumed_from_step": start or None,
+        **({"accuracy": acc} if (acc := _accuracy(model, data)) is not None else {}),
         "device_kind": str(prog.devices[0].device_kind),
         "processes": nproc,
         "hardware": hardware_id(prog.devices[0]),
@@ -389,6 +418,17 @@ def train(cfg: RunConfig, ctx: Any) -> dict[str, Any] | None:
                          "platform": prog.devices[0].platform},
         **stats,
     }
+
+
+def _accuracy(model: Any, data: Any) -> float | None:
+    """Held-out accuracy when the dataset has a test split (``--data digits``)."""
+    if getattr(data, "x_test", None) is None:
+        return None
+    from models.flax.cnn import configure_bn
+    from scaling.datasets import accuracy
+
+    configure_bn(model, train=False)  # running BN statistics, no pmap axis outside the step
+    return accuracy(lambda x: np.asarray(model(x)), data)
 
 
 def _jaxlib_version() -> str:

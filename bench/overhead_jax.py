@@ -1,0 +1,111 @@
+"""podscale's own overhead on jax-pmap: its step time ÷ a hand-written pmap loop's, same config.
+
+Both run in a fresh process with N emulated XLA CPU devices and the same XLA flags (one thread
+per device), train the same MLP with plain SGD on the same global batch split over the devices,
+and sync the host once per step (``float(loss)``), as the platform notes require. The runs
+alternate (podscale, hand-written, ...) so that drift in the machine's load hits both alike; the
+median of the per-pair ratios is printed. Target: <= 1.03.
+
+    .venv/bin/python bench/overhead_jax.py --devices 2 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+HANDWRITTEN = r'''
+import json, statistics, sys, time
+import jax, jax.numpy as jnp, numpy as np
+from jax import lax
+d_in, h, d_out, B, steps, untimed = map(int, sys.argv[1:7])
+n = jax.local_device_count()
+rng = np.random.default_rng(0)
+def lin(i, o):
+    bound = 1 / np.sqrt(i)
+    return rng.uniform(-bound, bound, (i, o)).astype(np.float32), rng.uniform(-bound, bound, (o,)).astype(np.float32)
+(w1, b1), (w2, b2) = lin(d_in, h), lin(h, d_out)
+params = {"w1": w1, "b1": b1, "w2": w2, "b2": b2}
+N = max(4 * B, 256)
+x, y = rng.standard_normal((N, d_in), dtype=np.float32), rng.standard_normal((N, d_out), dtype=np.float32)
+
+def loss_fn(p, xb, yb):
+    out = jnp.maximum(xb @ p["w1"] + p["b1"], 0) @ p["w2"] + p["b2"]
+    return jnp.mean((out - yb) ** 2)
+
+def step(p, xb, yb):
+    loss, g = jax.value_and_grad(loss_fn)(p, xb, yb)
+    g, loss = lax.pmean((g, loss), "data")
+    return jax.tree.map(lambda a, b: a - 1e-3 * b, p, g), loss
+
+pstep = jax.pmap(step, axis_name="data")
+p = jax.tree.map(lambda a: np.broadcast_to(a, (n, *a.shape)), params)
+times = []
+for s in range(steps):
+    idx = (np.arange(B) + s * B) % N
+    xb, yb = x[idx].reshape(n, B // n, d_in), y[idx].reshape(n, B // n, d_out)
+    t = time.perf_counter()
+    p, loss = pstep(p, xb, yb)
+    float(loss[0])
+    times.append(time.perf_counter() - t)
+print(json.dumps({"step_time_s": statistics.median(times[untimed:])}))
+'''
+
+
+def _env(devices: int) -> dict[str, str]:
+    from scaling.backends import jax_dp
+    from scaling.config import RunConfig
+
+    return {**os.environ, **jax_dp.layout(RunConfig(backend="jax-pmap", devices=devices, global_batch=devices))[0]}
+
+
+def handwritten(devices: int, d_in: int, h: int, d_out: int, batch: int, steps: int, untimed: int) -> float:
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(HANDWRITTEN)
+    try:
+        out = subprocess.run([sys.executable, f.name, *map(str, (d_in, h, d_out, batch, steps, untimed))],
+                             env=_env(devices), capture_output=True, text=True, check=True, timeout=600).stdout
+    finally:
+        os.unlink(f.name)
+    return json.loads(out.strip().splitlines()[-1])["step_time_s"]
+
+
+def podscale(devices: int, d_in: int, h: int, d_out: int, batch: int, steps: int, untimed: int) -> float:
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "r.json"
+        subprocess.run([sys.executable, "-m", "launchers.cli", "run", "--backend", "jax-pmap", "--devices", str(devices),
+                        "--global-batch", str(batch), "--steps", str(steps), "--untimed-steps", str(untimed),
+                        "--model-opt", f"d_in={d_in}", "--model-opt", f"hidden={h}", "--model-opt", f"d_out={d_out}",
+                        "--json", str(out), "--quiet"], cwd=ROOT, check=True, timeout=600)
+        return json.loads(out.read_text())["step_time_s"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--devices", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--global-batch", type=int, default=256)
+    ap.add_argument("--hidden", type=int, default=512)
+    a = ap.parse_args()
+    shape = (a.devices, 1000, a.hidden, 10, a.global_batch, a.steps, 20)
+    ratios = []
+    for i in range(a.repeats):
+        ps, hw = podscale(*shape), handwritten(*shape)
+        ratios.append(ps / hw)
+        print(f"pair {i + 1}: podscale {ps * 1e3:.3f} ms, hand-written {hw * 1e3:.3f} ms, ratio {ps / hw:.3f}", flush=True)
+    print(f"jax-pmap overhead, {a.devices} emulated devices: median ratio {statistics.median(ratios):.3f} "
+          f"(min {min(ratios):.3f}, max {max(ratios):.3f}, {a.repeats} interleaved pairs; target <= 1.03)")
+
+
+if __name__ == "__main__":
+    main()
