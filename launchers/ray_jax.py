@@ -1,0 +1,171 @@
+"""Multi-host JAX on Ray: one actor per JAX process ("host"), joined by ``jax.distributed``.
+
+The shape of a TPU pod slice: every host runs the same program on its local devices and
+``jax.distributed.initialize`` points them all at one coordinator, the first actor. The actors sit
+in a placement group, ``STRICT_SPREAD`` over the nodes of a real cluster (one host each) and
+``PACK`` on a single-node cluster, where two or more actors on one machine form a CPU "pod".
+
+Each actor is a fresh process whose device setup (``XLA_FLAGS`` device count, ``JAX_PLATFORMS``)
+comes from the backend's own ``layout`` through the actor's ``runtime_env`` — set before jax is
+ever imported there. When an actor dies the whole group is killed (survivors would wait forever
+in a gloo collective) and rebuilt from the newest checkpoint, up to ``--max-failures`` times.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from scaling.config import RunConfig
+from scaling.errors import RunFailed, UsageError
+
+
+class _HostContext:
+    def __init__(self, rank: int, world: int, run_dir: Path):
+        self.rank, self.world, self.local_rank, self.run_dir = rank, world, 0, run_dir
+
+    def beat(self, step: int) -> None:
+        pass
+
+
+class PodHost:
+    """One JAX process of the pod (a Ray actor class; wrapped with ``ray.remote`` at use)."""
+
+    def address(self) -> tuple[str, int]:
+        """This node's address and a free port on it: the coordinator, when this is host 0."""
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((ip, 0))
+            return ip, s.getsockname()[1]
+
+    def run(self, cfg_json: str, rank: int, world: int, master: tuple[str, int]) -> dict[str, Any] | None:
+        os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": master[0], "MASTER_PORT": str(master[1])})
+        from scaling.backends import get_backend
+
+        cfg = RunConfig.from_json(cfg_json)
+        work = Path(tempfile.mkdtemp(prefix=f"podscale-rayjax-r{rank}-"))
+        try:
+            raw = get_backend(cfg.backend).worker(cfg, _HostContext(rank, world, work))
+            if raw is None:
+                return None
+            params = work / "final_params.npz"
+            return {"raw": raw, "params_npz": params.read_bytes() if params.exists() else None}
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _host_envs(cfg: RunConfig, on_accelerators: bool) -> list[dict[str, str]]:
+    from scaling.backends import jax_dp
+
+    procs = cfg.processes or 1
+    if on_accelerators:
+        return [{} for _ in range(procs)]  # TPU/GPU hosts: JAX finds its own local devices
+    return jax_dp.layout(cfg)
+
+
+def run_jax(cfg: RunConfig, max_failures: int, resource_timeout: float) -> tuple[dict[str, Any], bytes | None]:
+    """Train ``cfg`` (jax-pmap / jax-sharded) on ``cfg.processes`` Ray actors; return process 0's
+    raw record and the final parameters (.npz bytes)."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    procs = cfg.processes or 1
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+    res = ray.cluster_resources()
+    tpu, gpu = res.get("TPU", 0.0), res.get("GPU", 0.0)
+    per_host = cfg.devices // procs
+    if tpu:
+        bundle = {"TPU": float(per_host), "CPU": 1.0}
+    elif gpu:
+        bundle = {"GPU": float(per_host), "CPU": 1.0}
+    else:
+        bundle = {"CPU": float(per_host)}  # one logical CPU per emulated device, as the local launcher
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    strategy = "PACK" if len(nodes) <= 1 else "STRICT_SPREAD"
+    envs = _host_envs(cfg, bool(tpu or gpu))
+    if cfg.checkpoint_every and "://" in (cfg.checkpoint_dir or ""):
+        raise UsageError(f"--checkpoint-dir {cfg.checkpoint_dir!r}: the JAX backends checkpoint to a path every host can read (a shared filesystem), not a URI")
+    nonce = uuid.uuid4().hex[:8]
+    Host = ray.remote(PodHost)
+    attempt, failures = 0, 0
+    while True:
+        attempt += 1
+        run_cfg = cfg
+        if attempt > 1 and cfg.checkpoint_dir:
+            from scaling import checkpoint
+
+            if checkpoint.latest(cfg.checkpoint_dir, "npz") is not None:
+                run_cfg = cfg.replace(resume=True)
+        pg = placement_group([dict(bundle) for _ in range(procs)], strategy=strategy)
+        actors: list[Any] = []
+        try:
+            if not pg.wait(timeout_seconds=resource_timeout):
+                have = ", ".join(f"{res.get(k, 0):g} {k}" for k in bundle)
+                raise RunFailed(
+                    f"too few resources for {procs} JAX host actor(s) of {bundle} each ({strategy}): the cluster has "
+                    f"{have}; waited {resource_timeout:g}s (--resource-timeout). Use fewer --devices/--processes or a bigger cluster")
+            for rank in range(procs):
+                env = {**envs[rank], "PODSCALE_RAY_JAX": f"{nonce}-{attempt}-{rank}", "PYTHONUNBUFFERED": "1"}
+                actors.append(Host.options(
+                    num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
+                    resources={"TPU": bundle["TPU"]} if "TPU" in bundle else None,
+                    runtime_env={"env_vars": env}, max_restarts=0,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=rank),
+                ).remote())
+            master = ray.get(actors[0].address.remote(), timeout=cfg.startup_timeout)
+            refs = [a.run.remote(run_cfg.to_json(), rank, procs, master) for rank, a in enumerate(actors)]
+            out = _wait_all(refs, cfg)
+            ret = out[0]
+            if not ret or "raw" not in ret:
+                raise RunFailed("the JAX actors finished without a result from process 0")
+            return ret["raw"], ret.get("params_npz")
+        except _HostDied as e:
+            failures += 1
+            if max_failures != -1 and failures > max_failures:
+                raise RunFailed(f"a JAX host actor died and the run used up its --max-failures {max_failures} restart(s): {e}") from None
+            print(f"podscale: {e}; rebuilding the {procs} JAX host actor(s) (restart {failures} of {max_failures})", flush=True)
+        finally:
+            for a in actors:
+                ray.kill(a, no_restart=True)
+            remove_placement_group(pg)
+
+
+class _HostDied(Exception):
+    pass
+
+
+def _wait_all(refs: list[Any], cfg: RunConfig) -> list[Any]:
+    """Results of every host, or _HostDied as soon as one fails (the others are stuck in a
+    collective by then); bounded by start-up plus ``--step-timeout`` per step."""
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    deadline = time.monotonic() + cfg.startup_timeout + cfg.steps * cfg.step_timeout
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1, timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+        for r in done:
+            try:
+                ray.get(r)
+            except RayActorError as e:
+                raise _HostDied(f"JAX host {refs.index(r)} died ({type(e).__name__})") from None
+            except RayTaskError as e:
+                cause = e.cause if getattr(e, "cause", None) is not None else e
+                if isinstance(cause, (UsageError, RunFailed)):
+                    raise cause from None
+                first = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+                raise _HostDied(f"JAX host {refs.index(r)} failed: {first[:300]}") from None
+        if pending and time.monotonic() > deadline:
+            raise RunFailed(f"the JAX hosts did not finish within --startup-timeout + steps x --step-timeout "
+                            f"({cfg.startup_timeout + cfg.steps * cfg.step_timeout:g}s); killed them")
+    return ray.get(refs)
