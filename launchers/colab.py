@@ -19,6 +19,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, MutableMapping, Sequence
@@ -251,12 +252,11 @@ def setup_env(acc: Accelerator, env: MutableMapping[str, str] | None = None) -> 
     elif acc.kind == "gpu":
         new["XLA_PYTHON_CLIENT_PREALLOCATE"] = env.get("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     env.update(new)
+    started = [m for m in ("jax", "torch_xla") if m in sys.modules]
+    if started and env is os.environ:
+        warnings.warn(f"{', '.join(started)} already imported in this process: the settings reach only processes started "
+                      f"from now on (podscale run), not this one", stacklevel=2)
     return new
-
-
-def frameworks_started() -> list[str]:
-    """Frameworks already imported here: the environment no longer reaches them (only subprocesses)."""
-    return [m for m in ("jax", "torch_xla") if m in sys.modules]
 
 
 @dataclass(frozen=True)

@@ -168,6 +168,17 @@ def test_setup_env_cpu_sets_device_counts_for_both_frameworks(tmp_path):
     assert new["CPU_NUM_DEVICES"] == "3"
 
 
+def test_setup_env_warns_when_a_framework_already_started(tmp_path, monkeypatch):
+    acc = colab.detect(fake_root(tmp_path, []), {"PATH": ""})
+    for k in ("XLA_FLAGS", "JAX_PLATFORMS", "PJRT_DEVICE", "CPU_NUM_DEVICES", "COLUMNS", "TF_CPP_MIN_LOG_LEVEL"):
+        monkeypatch.setenv(k, "")  # recorded, so the values setup_env writes are undone after the test
+        monkeypatch.delenv(k)
+    monkeypatch.setitem(sys.modules, "jax", type(sys)("jax"))
+    with pytest.warns(UserWarning, match="jax already imported"):
+        colab.setup_env(acc)
+    assert os.environ["CPU_NUM_DEVICES"] == "2"
+
+
 def test_setup_env_tpu_keeps_a_users_choice(tmp_path):
     acc = colab.detect(fake_root(tmp_path, ["dev/vfio/0"]), {"TPU_ACCELERATOR_TYPE": "v6e-1", "PATH": ""})
     env: dict[str, str] = {}
