@@ -50,7 +50,7 @@ def main_launch(args: argparse.Namespace) -> int:
     if not rest:
         raise UsageError("nothing to launch: use podscale launch [options] -- run [run flags]")
     if rest[0] == "scale":
-        raise UsageError("launch -- scale is not available yet; use launch -- run")
+        return _launch_scale(args, rest)
     if args.max_failures < -1:
         raise UsageError(f"invalid --max-failures {args.max_failures}: must be >= 0 (or -1 for unlimited)")
     if not args.resource_timeout > 0:
@@ -79,6 +79,34 @@ def main_launch(args: argparse.Namespace) -> int:
         from scaling.report import print_run
 
         print_run(out.result, Console())
+    return 0
+
+
+def _launch_scale(args: argparse.Namespace, rest: list[str]) -> int:
+    """The sweep runs on the job's node; scale.json and scale.png come back into --out here."""
+    import json
+    import os
+
+    from launchers.ray_cluster import LaunchRequest, launch
+    from scaling.checkpoint import write_atomic
+
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--out", default="out/scale")
+    p.add_argument("--devices", default="1,2,4,8")
+    known, _ = p.parse_known_args(rest[1:])
+    try:
+        most = max(int(x) for x in known.devices.split(","))
+    except ValueError:
+        raise UsageError(f"invalid --devices {known.devices!r}: expected a comma list of integers (e.g. 1,2,4,8)") from None
+    req = LaunchRequest(run_argv=rest, address=args.address, train="local", max_failures=0,
+                        resource_timeout=args.resource_timeout, python=args.python,
+                        num_cpus=args.num_cpus or max(os.cpu_count() or 1, most + 1), job_timeout=args.job_timeout)
+    out = launch(req, None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True)))
+    d = Path(known.out)
+    write_atomic(d / "scale.json", lambda f: f.write(json.dumps(out.result, indent=2).encode()))
+    if out.params_npz is not None:
+        write_atomic(d / "scale.png", lambda f: f.write(out.params_npz))
+    print(f"wrote {d / 'scale.json'}" + (f", {d / 'scale.png'}" if out.params_npz is not None else "") + f" (Ray job {out.job_id})")
     return 0
 
 

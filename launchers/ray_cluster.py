@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 from scaling.errors import RunFailed, UsageError
 
-from launchers.ray_job import ERROR_MARK, PARAMS_MARK, RESULT_MARK
+from launchers.ray_job import ERROR_MARK, PARAMS_MARK, PNG_MARK, RESULT_MARK
 
 ROOT = Path(__file__).resolve().parent.parent
 #: never shipped with the job: virtual envs, history, run outputs, caches
@@ -101,8 +101,9 @@ def parse_marks(logs: str) -> tuple[dict[str, Any] | None, bytes | None, dict[st
     for line in logs.splitlines():
         if line.startswith(RESULT_MARK):
             result = json.loads(line[len(RESULT_MARK):])
-        elif line.startswith(PARAMS_MARK):
-            params = base64.b64decode(line[len(PARAMS_MARK):])
+        elif line.startswith((PARAMS_MARK, PNG_MARK)):  # one binary payload per job: params or scale.png
+            mark = PARAMS_MARK if line.startswith(PARAMS_MARK) else PNG_MARK
+            params = base64.b64decode(line[len(mark):])
         elif line.startswith(ERROR_MARK):
             error = json.loads(line[len(ERROR_MARK):])
     return result, params, error
@@ -119,11 +120,11 @@ class _LogEcho:
         self.buf += chunk
         *lines, self.buf = self.buf.split("\n")
         for ln in lines:
-            if not ln.startswith((RESULT_MARK, PARAMS_MARK, ERROR_MARK)):
+            if not ln.startswith((RESULT_MARK, PARAMS_MARK, ERROR_MARK, PNG_MARK)):
                 self.out(ln)
 
     def close(self) -> None:
-        if self.buf and not self.buf.startswith((RESULT_MARK, PARAMS_MARK, ERROR_MARK)):
+        if self.buf and not self.buf.startswith((RESULT_MARK, PARAMS_MARK, ERROR_MARK, PNG_MARK)):
             self.out(self.buf)
         self.buf = ""
 

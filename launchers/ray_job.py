@@ -28,6 +28,7 @@ from scaling.errors import RunFailed, UsageError
 RESULT_MARK = "PODSCALE_RESULT_JSON "
 PARAMS_MARK = "PODSCALE_PARAMS_NPZ "
 ERROR_MARK = "PODSCALE_ERROR "
+PNG_MARK = "PODSCALE_SCALE_PNG "
 TRAIN_MODES = ("auto", "ray", "local")
 #: base64 of larger parameter files would swamp the job log; bigger ones stay on the cluster
 MAX_PARAMS_BYTES = 64 * 2**20
@@ -112,6 +113,21 @@ def run_job(argv: list[str], mode: str, max_failures: int, resource_timeout: flo
     return finish(cfg, raw), params
 
 
+def run_scale(argv: list[str]) -> tuple[dict[str, Any], bytes | None]:
+    """``podscale scale`` on the job's node (its sweep starts local runs there); the outputs go to a
+    private directory and come back through the log: scale.json as the result, scale.png beside it."""
+    from launchers import cli
+
+    with tempfile.TemporaryDirectory(prefix="podscale-scale-") as tmp:
+        code = cli.main(["scale", *argv[1:], "--out", tmp, "--logdir", str(Path(tmp) / "runs")])
+        doc = Path(tmp) / "scale.json"
+        if code != 0 or not doc.exists():
+            err = UsageError if code == 2 else RunFailed
+            raise err(f"podscale scale on the cluster exited with code {code} (its message is in the job log above)")
+        png = Path(tmp) / "scale.png"
+        return json.loads(doc.read_text()), png.read_bytes() if png.exists() else None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="launchers.ray_job")
@@ -123,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     rest = a.rest[1:] if a.rest[:1] == ["--"] else a.rest
     try:
+        if rest[:1] == ["scale"]:
+            result, png = run_scale(rest)
+            if png is not None:
+                print(PNG_MARK + base64.b64encode(png).decode("ascii"), flush=True)
+            print(RESULT_MARK + json.dumps(result), flush=True)
+            return 0
         result, params = run_job(rest, a.train, a.max_failures, a.resource_timeout)
     except (UsageError, RunFailed) as e:
         kind = "usage" if isinstance(e, UsageError) else "run"
