@@ -151,7 +151,9 @@ def start_head(num_cpus: int, temp_dir: str | Path | None = None, startup_timeou
     e = {**os.environ, **LOCAL_RAY_ENV, **(env or {})}
     log = tmp / "head.log"
     with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=e)
+        # SIGINT is how the head is stopped: undo the SIG_IGN a background shell gives its children
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=e,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     head = LocalHead(num_cpus=num_cpus, temp_dir=tmp, dashboard_port=dash, proc=proc, log_path=log, own_temp=own)
     deadline = time.monotonic() + startup_timeout
     while True:
