@@ -153,7 +153,8 @@ class CNN(nnx.Module):
 
 def configure_bn(module: nnx.Module, *, train: bool = True, axis_name: str | None = None, sync: bool = False, groups: int = 1) -> None:
     """Set every batch norm's mode (see the module docstring); a no-op for models without BN."""
-    for _, m in module.iter_modules():
+    walk = nnx.iter_modules(module) if hasattr(nnx, "iter_modules") else module.iter_modules()
+    for _, m in walk:
         if isinstance(m, BatchNorm):
             m.train, m.axis_name, m.sync, m.groups = train, axis_name, sync, groups
 
