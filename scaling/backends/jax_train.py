@@ -281,7 +281,8 @@ def _init_distributed(cfg: RunConfig, ctx: Any) -> None:
         return
     addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
     port = os.environ["MASTER_PORT"]  # free: jax is the only user of it in a jax run
-    _loopback_collectives(addr)
+    if addr in ("127.0.0.1", "localhost"):  # one host: keep gloo on loopback too; across hosts
+        _loopback_collectives(addr)         # (Ray) each host binds its own address, JAX's default
     jax.distributed.initialize(
         coordinator_address=f"{addr}:{port}",
         coordinator_bind_address=f"{addr}:{port}",
