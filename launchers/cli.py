@@ -119,6 +119,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("podscale: interrupted", file=sys.stderr)
         return 130
+    except BaseException as e:
+        if type(e).__name__ == "Terminated":  # launchers.local: SIGTERM, ranks already killed
+            print(f"podscale {args.command}: {e}; all ranks were killed", file=sys.stderr)
+            return 143
+        raise
 
 
 if __name__ == "__main__":

@@ -82,6 +82,7 @@ def run_local(cfg: RunConfig, extra_env: dict[str, str] | None = None) -> dict[s
         root = str(Path(__file__).resolve().parent.parent)
         base["PYTHONPATH"] = root + (os.pathsep + base["PYTHONPATH"] if base.get("PYTHONPATH") else "")
         procs: list[subprocess.Popen[bytes]] = []
+        previous = _on_sigterm_raise()
         try:
             for rank, env in enumerate(envs):
                 e = {**base, **env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
@@ -93,6 +94,9 @@ def run_local(cfg: RunConfig, extra_env: dict[str, str] | None = None) -> dict[s
         except BaseException:
             _kill_group(procs)
             raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         result = run_dir / "result.json"
         if not result.exists():
             raise RunFailed("the run ended without a result from rank 0 (see the ranks' messages above)")
@@ -102,6 +106,23 @@ def run_local(cfg: RunConfig, extra_env: dict[str, str] | None = None) -> dict[s
             Path(cfg.params_out).parent.mkdir(parents=True, exist_ok=True)
             os.replace(params, cfg.params_out) if _same_fs(params, cfg.params_out) else Path(cfg.params_out).write_bytes(params.read_bytes())
         return raw
+
+
+class Terminated(BaseException):
+    """SIGTERM reached the launcher: its ranks are killed before it leaves (they would outlive it)."""
+
+
+def _on_sigterm_raise():  # type: ignore[no-untyped-def]
+    """Turn SIGTERM into an exception so the ``except`` above kills the ranks' process group."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):  # type: ignore[no-untyped-def]
+        raise Terminated(f"terminated by signal {signum}")
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _same_fs(a: Path, b: str) -> bool:

@@ -120,3 +120,32 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     rf, rr = json.loads((tmp_path / "full.json").read_text()), json.loads((tmp_path / "resumed.json").read_text())
     assert rr["resumed_from_step"] == 6
     assert rr["losses"] == rf["losses"]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_kills_its_ranks(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("PODSCALE_FAULT", None)
+    p = subprocess.Popen([sys.executable, "-m", "launchers.cli", "run", "--devices", "2", "--steps", "100000", *SMALL],
+                         cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    ranks = []
+    while time.monotonic() < deadline and len(ranks) < 2:
+        ranks = [c for c in psutil.Process(p.pid).children(recursive=True) if "scaling.worker" in " ".join(c.cmdline())]
+        time.sleep(0.2)
+    assert len(ranks) == 2
+    time.sleep(1.0)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 143 and "all ranks were killed" in err
+    gone, alive = psutil.wait_procs(ranks, timeout=10)
+    assert not alive
