@@ -106,7 +106,12 @@ def run_jax(cfg: RunConfig, max_failures: int, resource_timeout: float) -> tuple
 
             if checkpoint.latest(cfg.checkpoint_dir, "npz") is not None:
                 run_cfg = cfg.replace(resume=True)
-        pg = placement_group([dict(bundle) for _ in range(procs)], strategy=strategy)
+        bundles = [dict(bundle) for _ in range(procs)]
+        if tpu:  # a TPU slice advertises TPU-<type>-head on its first host: host 0 goes there
+            heads = sorted(k for k in res if k.startswith("TPU-") and k.endswith("-head"))
+            if heads:
+                bundles[0][heads[0]] = 1.0
+        pg = placement_group(bundles, strategy=strategy)
         actors: list[Any] = []
         try:
             if not pg.wait(timeout_seconds=resource_timeout):
