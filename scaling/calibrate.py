@@ -13,7 +13,7 @@ backend and per device count N, this measures:
   torch-ddp, XLA-CPU psum for jax-*), with its alpha-beta fit;
 - once per host: GEMM rates for square sizes on 1 ... all cores (torch) and for one XLA-CPU device.
 
-The file (``calibration.json`` in ``hardware.cache_dir()``) is keyed by the host fingerprint and the
+The file (``calibration-<env>.json`` in ``hardware.cache_dir()``, one per framework environment) is keyed by the host fingerprint and the
 framework versions; it is written atomically and merged, so calibrating one more backend or N keeps
 the rest.
 """
@@ -41,11 +41,28 @@ from typing import Any, Callable
 from scaling import hardware
 from scaling.errors import RunFailed, UsageError
 
-FILE_NAME = "calibration.json"
+def _env_tag() -> str:
+    """A short tag of this environment's frameworks: .venv (torch 2.13, jax 0.10) and .venv-xla (torch
+    2.9, jax 0.7, torch_xla) calibrate the same host differently and must not overwrite each other."""
+    import hashlib
+
+    vers = {pkg: framework_version(pkg) for pkg in ("torch", "jax", "torch_xla")}
+    return hashlib.sha1(json.dumps(vers, sort_keys=True).encode()).hexdigest()[:8]
+
+
 VERSION = 1
 #: backend -> (collective family, framework package whose version keys the entries)
-FAMILIES = {"torch-ddp": ("gloo", "torch"), "jax-pmap": ("xla-cpu", "jax"), "jax-sharded": ("xla-cpu", "jax")}
+FAMILIES = {"torch-ddp": ("gloo", "torch"), "jax-pmap": ("xla-cpu", "jax"), "jax-sharded": ("xla-cpu", "jax"),
+            # torch_xla's SPMD step runs on the same XLA-CPU runtime: its collectives and GEMMs are
+            # measured through jax (installed beside it in .venv-xla), its overhead through itself
+            "torch-xla": ("xla-cpu", "torch_xla")}
 REF_MODEL_OPTS = {"d_in": 16, "hidden": 16, "d_out": 1}
+
+
+def gemm_source(backend: str) -> str:
+    """Which GEMM table a backend's compute is predicted from: torch's (gloo ranks) or XLA's (via jax)."""
+    return "torch" if FAMILIES[backend][0] == "gloo" else "jax"
+
 """The reference model: mlp 16-16-1 (289 parameters): a step that is all overhead."""
 
 
@@ -72,6 +89,9 @@ def framework_version(pkg: str) -> str | None:
         return importlib.metadata.version(pkg)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+FILE_NAME = f"calibration-{_env_tag()}.json"
 
 
 # ---- the file ------------------------------------------------------------------------------
@@ -179,7 +199,8 @@ def host_terms(cal: dict[str, Any], backend: str, n: int, dtype: str = "float32"
     b = cal.get("backends", {}).get(backend)
     if not b or not b.get("per_n"):
         raise UsageError(f"no calibration for {backend} on this host: run `podscale calibrate --backends {backend}`")
-    fam, fw = FAMILIES[backend]
+    fam = FAMILIES[backend][0]
+    fw = gemm_source(backend)
     gemm = cal.get("gemm", {}).get(fw, {})
     key = hardware.PEAK_DTYPE.get(dtype, "fp32")
     table = gemm.get(key) or gemm.get("fp32")
@@ -415,9 +436,10 @@ def calibrate(backends: list[str], device_counts: list[int], sizes: Sizes = QUIC
 def ensure(backends: list[str], device_counts: list[int], quick: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The calibration, measuring only what is missing for (backend, N)."""
     cal = load() or _empty()
-    backends = [b for b in backends if b in FAMILIES]  # others (torch-xla) have no host calibration: no prediction
+    # backends this environment cannot run (torch-xla from the main venv) are calibrated by their own venv
+    backends = [b for b in backends if b in FAMILIES and importlib.util.find_spec(FAMILIES[b][1]) is not None]
     missing_b = [b for b in backends if not all(str(n) in cal.get("backends", {}).get(b, {}).get("per_n", {}) for n in device_counts)
-                 or not cal.get("gemm", {}).get(FAMILIES.get(b, ("", "torch"))[1])]
+                 or not cal.get("gemm", {}).get(gemm_source(b))]
     if not missing_b:
         return cal
     return calibrate(missing_b, device_counts, QUICK if quick else FULL, log, existing=cal)
@@ -487,18 +509,23 @@ def _xla_worker() -> None:
     res: dict[str, Any] = {}
     if spec.get("gemm"):
         table: dict[str, Any] = {}
+        # k dependent GEMMs inside one compiled program: a jax step is one XLA program, so its
+        # matmuls pay no per-call dispatch; timing one GEMM per call would charge that to compute
+        k = 16
         for key, dt in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
-            mm = jax.jit(lambda x: x @ x)
+            mm = jax.jit(lambda x, w: jax.lax.fori_loop(0, k, lambda i, a: a @ w, x))
             row = {}
             for s in spec["gemm"]:
-                x = jnp.ones((s, s), dt)
-                mm(x).block_until_ready()
-                t = _time_calls(lambda: mm(x).block_until_ready(), reps, 4)
-                row[str(s)] = 2.0 * s**3 / t
+                x, w = jnp.ones((s, s), dt), jnp.eye(s, dtype=dt)  # identity: values stay put
+                mm(x, w).block_until_ready()
+                t = _time_calls(lambda: mm(x, w).block_until_ready(), reps, 2)
+                row[str(s)] = 2.0 * s**3 * k / t
             table[key] = {"device": row}
         res["gemm"] = table
-    one = jax.jit(lambda x: x @ x)
-    x1 = jnp.ones((256, 256), jnp.float32)
+    # "alone" is the same pmap'd GEMM on one of the devices, so the ratio holds contention only
+    # (pmap's dispatch cost is in both, and in the reference step's overhead already)
+    one = jax.pmap(lambda x: x @ x, devices=devs[:1])
+    x1 = jnp.ones((1, 256, 256), jnp.float32)
     one(x1).block_until_ready()
     alone = _time_calls(lambda: one(x1).block_until_ready(), reps, 8)
     pm = jax.pmap(lambda x: x @ x)

@@ -107,7 +107,9 @@ def _fake_cal() -> dict:
                 str(n): {"overhead_s": 1e-3 * n, "slowdown": max(1, n / 2)} for n in (1, 2, 8)}}}}
 
 
-def test_host_prediction_composes_calibrated_terms():
+def test_host_prediction_composes_calibrated_terms(tmp_path, monkeypatch):
+    # an empty cache: a host peak measured by an earlier test would otherwise win over the fake calibration
+    monkeypatch.setenv("PODSCALE_CACHE_DIR", str(tmp_path))
     cal = _fake_cal()
     wl = pm.Workload("w", 1000, 3 * 2 * 512**3, 1 << 20, (3 * 2 * 512**3,))
     e1 = pm.predict_step(wl, "host-cpu", 1, 1, calibration=cal)

@@ -262,6 +262,8 @@ def compile_step(s: Setup, cfg: RunConfig, state: Any, opt_state: Any, x: Any, y
         "comm_bytes_per_step": jax_hlo.allreduce_bytes(compiled.as_text()) if cfg.devices > 1 else 0,
         "xla_flops_per_device": jax_hlo.cost_flops(compiled.cost_analysis()),
         "xla_flops_per_step": grad_flops * cfg.devices if grad_flops is not None else None,
+        # forward + backward of one device's slice: what shrinks as 1/N in strong scaling
+        "xla_train_flops_per_device": grad_flops,
     }
     return compiled, stats
 

@@ -227,6 +227,7 @@ def train(cfg: RunConfig, ctx: Any) -> dict[str, Any] | None:
         "versions": {"torch": torch.__version__, "torch_xla": torch_xla.__version__},
         # the compiled module is one device's program: times the devices = the whole step
         "xla_flops_per_step": cost.dot_flops * cfg.devices if cost else None,
+        "xla_flops_per_device": cost.dot_flops if cost else None,  # measured: one device's compiled program
         "comm_bytes_per_step": comm,
         "backend_info": {"launcher": cfg.launcher, "pjrt_device": xr.device_type(), "hlo_module": cost.module if cost else None,
                          "xla_flops": "dot/convolution FLOPs counted from the compiled HLO dump (XLA's cost analysis is private API)"},
