@@ -137,12 +137,18 @@ def _supervise(cfg: RunConfig, procs: list[subprocess.Popen[bytes]], progress: P
     t_start = time.time()
     while True:
         codes = [p.poll() for p in procs]
-        for rank, code in enumerate(codes):
-            if code not in (None, 0):
-                step = int(progress.steps()[rank])
-                _kill_group(procs)
-                others = f"; stopped the other {world - 1} rank(s)" if world > 1 else ""
-                raise RunFailed(f"rank {rank} {_describe_exit(code)} at step {step} of {cfg.steps}{others}")
+        if any(c not in (None, 0) for c in codes):
+            # a rank that dies takes its peers' collectives down within milliseconds, and they exit
+            # with errors of their own: wait a moment, then name the root cause (a rank killed by a
+            # signal, else the first rank that failed), not whichever peer the poll saw first
+            time.sleep(0.5)
+            codes = [p.poll() for p in procs]
+            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+            rank, code = next(((r, c) for r, c in failed if c < 0), failed[0])
+            step = int(progress.steps()[rank])
+            _kill_group(procs)
+            others = f"; stopped the other {world - 1} rank(s)" if world > 1 else ""
+            raise RunFailed(f"rank {rank} {_describe_exit(code)} at step {step} of {cfg.steps}{others}")
         if all(c == 0 for c in codes):
             return
         now = time.time()
