@@ -21,7 +21,10 @@ venv: $(VENV)/.installed
 run: venv
 	$(VENV)/bin/podscale scale
 
-test: test-main test-xla
+# venv-xla first: the main suite's scaling sweep then includes torch-xla, as `make run` does
+test: venv venv-xla
+	$(VPY) -m pytest -q
+	PJRT_DEVICE=CPU $(XPY) -m pytest -q tests/xla
 
 test-main: venv
 	$(VPY) -m pytest -q
