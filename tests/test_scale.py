@@ -40,7 +40,7 @@ def comm_bytes(run):
 @pytest.fixture(scope="module")
 def weak_sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("scale")
-    p = podscale("scale", "--devices", "1,2,4", "--steps", "12", "--untimed-steps", "4", "--per-device-batch", "32",
+    p = podscale("scale", "--devices", "1,2,4", "--steps", "24", "--untimed-steps", "4", "--per-device-batch", "32",
                  *SMALL, "--out", str(out / "out"), "--logdir", str(out / "tb"), timeout=600)
     return out, json.loads((out / "out" / "scale.json").read_text()), p.stdout
 
@@ -68,7 +68,7 @@ def test_weak_sweep_numbers_are_consistent(weak_sweep):
     assert img.ndim == 3 and img.shape[0] > 300 and img.shape[1] > 600
     for run in doc["runs"]:
         scalars = read_scalars(out / "tb" / f"{run['backend']}-{run['devices']}dev")
-        assert len(scalars["loss"]) == 12 and len(scalars["step_time_s"]) == 8
+        assert len(scalars["loss"]) == 24 and len(scalars["step_time_s"]) == 20
 
 
 @pytest.mark.slow
