@@ -129,6 +129,10 @@ class _LogEcho:
         self.buf = ""
 
 
+SUBMIT_RETRY_S = 60.0
+"""How long a submission is retried while the head's job agent is still starting."""
+
+
 def _client(address: str):
     import logging
 
@@ -149,11 +153,19 @@ def _client(address: str):
 def submit_and_wait(req: LaunchRequest, address: str, echo: Callable[[str], None] | None = None) -> JobOutcome:
     client = _client(address)
     job_id = f"podscale-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    try:
-        client.submit_job(entrypoint=entrypoint(req), submission_id=job_id, runtime_env=runtime_env(req))
-    except Exception as e:  # noqa: BLE001
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunFailed(f"the Ray job server at {address} refused the job: {first[:300]}") from None
+    # a head that has just started may not have its job agent up yet ("No available agent to submit
+    # job, please try again later"): retry that one answer for a bounded time, nothing else
+    deadline = time.monotonic() + SUBMIT_RETRY_S
+    while True:
+        try:
+            client.submit_job(entrypoint=entrypoint(req), submission_id=job_id, runtime_env=runtime_env(req))
+            break
+        except Exception as e:  # noqa: BLE001
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if "No available agent" in first and time.monotonic() < deadline:
+                time.sleep(1.0)
+                continue
+            raise RunFailed(f"the Ray job server at {address} refused the job: {first[:300]}") from None
     try:
         t0 = time.monotonic()
         _follow(client, job_id, echo, req.job_timeout)

@@ -132,6 +132,29 @@ class LocalHead:
 
 def start_head(num_cpus: int, temp_dir: str | Path | None = None, startup_timeout: float = 90.0,
                env: dict[str, str] | None = None) -> LocalHead:
+    """Start a loopback-only head (see ``_start_head_once``); a head whose job agent never comes up
+    (seen once in CI: every submission answered "No available agent") is stopped and started again,
+    once, on fresh ports."""
+    try:
+        return _start_head_once(num_cpus, temp_dir, startup_timeout, env)
+    except _AgentDown:
+        return _start_head_once(num_cpus, temp_dir, startup_timeout, env)
+
+
+class _AgentDown(RunFailed):
+    pass
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _start_head_once(num_cpus: int, temp_dir: str | Path | None = None, startup_timeout: float = 90.0,
+                     env: dict[str, str] | None = None) -> LocalHead:
     """Start a loopback-only head with ``num_cpus`` logical CPUs; return once its job server answers.
 
     Logical CPUs are what Ray schedules by: declaring them explicitly (rather than the detected
@@ -142,10 +165,11 @@ def start_head(num_cpus: int, temp_dir: str | Path | None = None, startup_timeou
     tmp = Path(tempfile.mkdtemp(prefix="psray-", dir="/tmp")) if own else Path(temp_dir)
     tmp.mkdir(parents=True, exist_ok=True)
     dash = free_port()
+    agent_port = free_port()
     cmd = [
         ray_executable(), "start", "--head", "--block", "--port=0", "--node-ip-address=127.0.0.1",
         f"--temp-dir={tmp}", f"--num-cpus={num_cpus}", "--num-gpus=0", "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={free_port()}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent_port}",
         f"--ray-client-server-port={free_port()}", "--disable-usage-stats",
     ]
     e = {**os.environ, **LOCAL_RAY_ENV, **(env or {})}
@@ -163,12 +187,13 @@ def start_head(num_cpus: int, temp_dir: str | Path | None = None, startup_timeou
             raise RunFailed(f"the local Ray head exited with code {proc.returncode} while starting: {' | '.join(tail)}")
         try:
             with urllib.request.urlopen(f"{head.address}/api/version", timeout=2) as r:
-                if json.loads(r.read()).get("ray_version"):
+                if json.loads(r.read()).get("ray_version") and _port_open(agent_port):
+                    # the job server answers and the job agent (which runs submissions) listens
                     head.pids()
                     return head
         except (OSError, ValueError):
             pass
         if time.monotonic() > deadline:
             head.stop()
-            raise RunFailed(f"the local Ray head's job server did not answer within {startup_timeout:g}s (log: {log})")
+            raise _AgentDown(f"the local Ray head's job server or job agent did not answer within {startup_timeout:g}s (log: {log})")
         time.sleep(0.5)
