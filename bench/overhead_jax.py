@@ -11,16 +11,17 @@ machine's load and any position effect hit both alike; the median of the per-pai
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from pairs import compare, parse_args  # noqa: E402
 sys.path.insert(0, str(ROOT))
 
 HANDWRITTEN = r'''
@@ -79,35 +80,9 @@ def handwritten(devices: int, d_in: int, h: int, d_out: int, batch: int, steps: 
     return json.loads(out.strip().splitlines()[-1])["step_time_s"]
 
 
-def podscale(devices: int, d_in: int, h: int, d_out: int, batch: int, steps: int, untimed: int) -> float:
-    with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "r.json"
-        subprocess.run([sys.executable, "-m", "launchers.cli", "run", "--backend", "jax-pmap", "--devices", str(devices),
-                        "--global-batch", str(batch), "--steps", str(steps), "--untimed-steps", str(untimed),
-                        "--model-opt", f"d_in={d_in}", "--model-opt", f"hidden={h}", "--model-opt", f"d_out={d_out}",
-                        "--json", str(out), "--quiet"], cwd=ROOT, check=True, timeout=600)
-        return json.loads(out.read_text())["step_time_s"]
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--devices", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--global-batch", type=int, default=256)
-    ap.add_argument("--hidden", type=int, default=512)
-    a = ap.parse_args()
-    shape = (a.devices, 1000, a.hidden, 10, a.global_batch, a.steps, 20)
-    ratios = []
-    for i in range(a.repeats):
-        if i % 2 == 0:  # ABBA order: whichever runs second in a pair measured slower on a busy host
-            ps, hw = podscale(*shape), handwritten(*shape)
-        else:
-            hw, ps = handwritten(*shape), podscale(*shape)
-        ratios.append(ps / hw)
-        print(f"pair {i + 1}: podscale {ps * 1e3:.3f} ms, hand-written {hw * 1e3:.3f} ms, ratio {ps / hw:.3f}", flush=True)
-    print(f"jax-pmap overhead, {a.devices} emulated devices: median ratio {statistics.median(ratios):.3f} "
-          f"(min {min(ratios):.3f}, max {max(ratios):.3f}, {a.repeats} interleaved pairs; target <= 1.03)")
+    a, shape = parse_args(__doc__)
+    compare(f"jax-pmap overhead, {a.devices} emulated devices", "jax-pmap", handwritten, shape, a.repeats)
 
 
 if __name__ == "__main__":
