@@ -5,6 +5,8 @@ VPY     := $(VENV)/bin/python
 XVENV   := .venv-xla
 XPY     := $(XVENV)/bin/python
 # torch==2.13.0 is a CPU build on this machine's disk; unpinned torch pulls a multi-GB CUDA build.
+# No torchvision: PyPI's 0.28.0 (the one that pairs with torch 2.13) is a CUDA build whose ops fail
+# to load beside the CPU torch, and transformers then fails to import too (examples/hf_gpt2.py).
 TORCH_PIN := torch==2.13.0
 PIP_QUIET := --quiet --disable-pip-version-check
 
@@ -13,8 +15,8 @@ PIP_QUIET := --quiet --disable-pip-version-check
 $(VENV)/.installed: pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install $(PIP_QUIET) --upgrade pip 2>&1 | grep -v "is ignored" || true
-	$(VPY) -m pip install $(PIP_QUIET) $(TORCH_PIN) -e '.[torch,jax,ray,dev]' 2>&1 | grep -v "is ignored" || true
-	$(VPY) -c "import torch, jax, ray, scaling" && touch $@
+	$(VPY) -m pip install $(PIP_QUIET) $(TORCH_PIN) -e '.[torch,jax,ray,dev,examples]' 2>&1 | grep -v "is ignored" || true
+	$(VPY) -c "import torch, jax, ray, transformers, scaling, podscale" && touch $@
 
 venv: $(VENV)/.installed
 
@@ -32,7 +34,7 @@ test-main: venv
 # torch-xla lives in its own venv: torch_xla 2.9 needs torch 2.9.x, the main venv has 2.13.
 # Packages come pinned by constraints-xla.txt; podscale goes in without deps so nothing moves torch.
 XLA_PKGS := torch torch_xla jax jaxlib flax optax numpy rich matplotlib tensorboard pyyaml \
-	pytest pytest-timeout tbparse nbclient ipykernel packaging
+	pytest pytest-timeout tbparse nbclient ipykernel packaging scikit-learn
 
 $(XVENV)/.installed: constraints-xla.txt pyproject.toml
 	test -x $(XPY) || $(PY) -m venv $(XVENV)

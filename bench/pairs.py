@@ -55,3 +55,34 @@ def compare(label: str, backend: str, handwritten: Callable[..., float], shape: 
     print(f"{label}: median ratio {med:.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}, "
           f"{repeats} interleaved pairs; target <= 1.03)")
     return med
+
+
+def bootstrap_ci(ratios: list[float], level: float = 0.95, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the median ratio (the pairs resampled with replacement)."""
+    import numpy as np
+
+    r = np.asarray(ratios)
+    rng = np.random.default_rng(seed)
+    meds = np.median(r[rng.integers(0, len(r), size=(resamples, len(r)))], axis=1)
+    lo, hi = np.quantile(meds, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def abba(label: str, ours: Callable[[], float], theirs: Callable[[], float], repeats: int,
+         target: tuple[float, float] = (1.03, 1.05)) -> tuple[float, float, float]:
+    """``repeats`` interleaved pairs in ABBA order; prints each pair, the median ratio ours ÷ theirs
+    and its bootstrap 95% interval, against a target (median, upper end of the interval)."""
+    ratios = []
+    for i in range(repeats):
+        if i % 4 in (0, 3):
+            a, b = ours(), theirs()
+        else:
+            b, a = theirs(), ours()
+        ratios.append(a / b)
+        print(f"pair {i + 1}: podscale {a * 1e3:.3f} ms, hand-written {b * 1e3:.3f} ms, ratio {a / b:.3f}", flush=True)
+    med = statistics.median(ratios)
+    lo, hi = bootstrap_ci(ratios)
+    ok = med <= target[0] and hi <= target[1]
+    print(f"{label}: median ratio {med:.3f}, bootstrap 95% interval [{lo:.3f}, {hi:.3f}] over {repeats} ABBA pairs; "
+          f"target median <= {target[0]} and upper end <= {target[1]}: {'met' if ok else 'NOT met'}")
+    return med, lo, hi

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from launchers.local import run_local  # noqa: E402
-from scaling import calibrate, perfmodel  # noqa: E402
+from scaling.world import run_local  # noqa: E402
+from scaling.throughput import calibration, measure  # noqa: E402
 from scaling.backends import BACKENDS  # noqa: E402
 from scaling.config import RunConfig  # noqa: E402
 from scaling.run import finish  # noqa: E402
@@ -40,9 +40,9 @@ def main() -> int:
     args = ap.parse_args()
     counts = [int(x) for x in args.devices.split(",")]
     backends = args.backends.split(",") if args.backends else [
-        b for b in calibrate.FAMILIES if b in BACKENDS and importlib.util.find_spec(calibrate.FAMILIES[b][1])]
+        b for b in calibration.FAMILIES if b in BACKENDS and importlib.util.find_spec(calibration.FAMILIES[b][1])]
     c = Console()
-    perfmodel.ensure_calibration(backends, counts, quick=not args.full, log=lambda s: c.print(f"[dim]calibrating: {s}[/dim]"))
+    measure.ensure(backends, counts, quick=not args.full, log=lambda s: c.print(f"[dim]calibrating: {s}[/dim]"))
     t = Table(title=f"predicted vs measured step time ({args.model}, {args.per_device_batch} samples per device)")
     for col in ("backend", "N", "measured", "predicted", "error"):
         t.add_column(col, justify="left" if col == "backend" else "right")

@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
-from scaling.config import RunConfig, load_config_file
-from scaling.errors import RunFailed, UsageError
+from launchers.flags import EXIT_EPILOG, OneLineParser
+from scaling import __version__
+from scaling.errors import Diverged, RunFailed, UsageError, UserCodeFailed
 
 #: modules that add subcommands; other issues append theirs
 COMMAND_MODULES = [
@@ -22,78 +23,15 @@ COMMAND_MODULES = [
     "launchers.cmd_scale",
     "launchers.cmd_launch",
     "launchers.cmd_models",
+    "launchers.cmd_job",
 ]
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr and exit 2 (no usage dump)."""
-
-    def error(self, message: str) -> Any:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def add_run_flags(p: argparse.ArgumentParser) -> None:
-    """The RunConfig flags, shared by ``run`` and ``launch -- run``. Defaults are SUPPRESSed so that
-    only flags the user typed override ``--config``."""
-    S = argparse.SUPPRESS
-    p.add_argument("--config", default=S, help="TOML/YAML file of RunConfig fields; flags override it")
-    p.add_argument("--backend", default=S, help="torch-ddp | jax-pmap | jax-sharded | torch-xla (default torch-ddp)")
-    p.add_argument("--model", default=S, help="model name (default mlp; podscale models lists them)")
-    p.add_argument("--devices", type=int, default=S, help="global count of framework-visible devices (default 1)")
-    p.add_argument("--processes", type=int, default=S, help="processes the devices are spread over (jax: multi-host shape)")
-    p.add_argument("--global-batch", type=int, default=S, dest="global_batch", help="samples per step over all devices (default 64)")
-    p.add_argument("--steps", type=int, default=S, help="optimizer steps (default 20)")
-    p.add_argument("--untimed-steps", type=int, default=S, dest="untimed_steps", help="first steps trained but not timed (default 2)")
-    p.add_argument("--lr", type=float, default=S, help="learning rate (default 1e-3)")
-    p.add_argument("--optimizer", choices=("sgd", "adam"), default=S)
-    p.add_argument("--loss-reduction", choices=("mean", "sum"), default=S, dest="loss_reduction")
-    p.add_argument("--seed", type=int, default=S)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=S)
-    p.add_argument("--data", default=S, help="PATH.npz with arrays x and y (default: synthetic from --seed)")
-    p.add_argument("--init", default=S, help="PATH.npz of initial parameters by canonical name")
-    p.add_argument("--model-opt", action="append", default=S, dest="model_opt", metavar="KEY=VALUE",
-                   help="model hyper-parameter, repeatable (e.g. hidden=100, bias=false, activation=sigmoid)")
-    p.add_argument("--logdir", default=S, help="TensorBoard log directory")
-    p.add_argument("--json", default=S, dest="json_path", metavar="PATH", help="write the result JSON here")
-    p.add_argument("--params-out", default=S, dest="params_out", metavar="PATH", help="write final params (.npz) here")
-    p.add_argument("--step-timeout", type=float, default=S, dest="step_timeout", help="seconds without progress before the run is killed (exit 3)")
-    p.add_argument("--startup-timeout", type=float, default=S, dest="startup_timeout")
-    p.add_argument("--checkpoint-dir", default=S, dest="checkpoint_dir")
-    p.add_argument("--checkpoint-every", type=int, default=S, dest="checkpoint_every")
-    p.add_argument("--resume", action="store_true", default=S, help="continue from the newest checkpoint")
-    p.add_argument("--hardware", default=S, help="catalog id of the hardware (default: detected)")
-    p.add_argument("--compile", action="store_true", default=S, help="torch.compile the model (torch backends)")
-    p.add_argument("--sync-bn", action="store_true", default=S, dest="sync_bn", help="cross-replica batch-norm statistics")
-    p.add_argument("--launcher", choices=("spmd", "torchrun", "xmp"), default=S, help="torch-xla: how processes start")
-
-
-def parse_model_opts(items: list[str]) -> dict[str, str]:
-    out = {}
-    for it in items:
-        if "=" not in it:
-            raise UsageError(f"invalid --model-opt {it!r}: expected KEY=VALUE (e.g. hidden=100)")
-        k, v = it.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
-
-
-def config_from_args(ns: argparse.Namespace) -> RunConfig:
-    d = vars(ns).copy()
-    fields: dict[str, Any] = {}
-    if "config" in d:
-        fields.update(load_config_file(d.pop("config")))
-    opts = d.pop("model_opt", None)
-    for k in list(d):
-        if k in RunConfig.__dataclass_fields__:
-            fields[k] = d[k]
-    if opts:
-        fields["model_opts"] = {**fields.get("model_opts", {}), **parse_model_opts(opts)}
-    return RunConfig.from_dict(fields)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="podscale", description="Data-parallel training that tells you, in numbers, how well it scaled.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    parser = OneLineParser(prog="podscale", description="Data-parallel training that tells you, in numbers, how well it scaled.",
+                           epilog=EXIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"podscale {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineParser)
     for name in COMMAND_MODULES:
         try:
             mod = importlib.import_module(name)
@@ -105,9 +43,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _refuse_unknown_flags(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """A flag the subcommand does not know is reported first, by that subcommand, with the nearest
+    flag it does know (argparse would report a missing required flag instead, or blame the top level)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return
+    i = next((i for i, a in enumerate(argv) if a == "--" or a in subs[0].choices), None)
+    if i is None or argv[i] == "--":
+        return
+    p = subs[0].choices[argv[i]]
+    rest = argv[i + 1 :]
+    rest = rest[: rest.index("--")] if "--" in rest else rest  # after --: another command's flags
+    if any(isinstance(a, argparse._SubParsersAction) for a in p._actions):
+        return _refuse_unknown_flags(p, rest)  # e.g. cluster validate: the inner command's flags
+    unknown = []
+    for a in rest:
+        if a.startswith("--"):
+            found = p._parse_optional(a)  # argparse's own reading: abbreviations and --k=v included
+            if found is not None and found[0] is None:
+                unknown.append(a)
+    if unknown:
+        p.unknown_flags(unknown)
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    """``podscale ARGV`` parsed as the CLI reads it (argparse exits 2 with one line on bad input)."""
     parser = build_parser()
+    argv = list(argv)
+    script_args: list[str] = []
+    if argv[:1] == ["run"] and "--" in argv:  # podscale run train.py [flags] -- [the script's own args]
+        cut = argv.index("--")
+        argv, script_args = argv[:cut], argv[cut + 1 :]
+    _refuse_unknown_flags(parser, argv)
     args = parser.parse_args(argv)
+    if script_args:
+        args.script_args = script_args
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
     try:
         return int(args.func(args) or 0)
     except UsageError as e:
@@ -116,11 +92,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunFailed as e:
         print(f"podscale {args.command}: run failed: {e}", file=sys.stderr)
         return e.exit_code
+    except UserCodeFailed as e:
+        print(getattr(e, "traceback", "") + f"podscale {args.command}: your code failed: {e}", file=sys.stderr)
+        return e.exit_code
+    except Diverged as e:
+        print(f"podscale {args.command}: diverged: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("podscale: interrupted", file=sys.stderr)
         return 130
     except BaseException as e:
-        if type(e).__name__ == "Terminated":  # launchers.local: SIGTERM, ranks already killed
+        if type(e).__name__ == "Terminated":  # scaling.world: SIGTERM, ranks already killed
             print(f"podscale {args.command}: {e}; all ranks were killed", file=sys.stderr)
             return 143
         raise

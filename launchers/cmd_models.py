@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--check", choices=("torch", "jax"), action="append", default=[],
                    help="also count train FLOPs per sample with the framework (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    p.add_argument("--wide", action="store_true", help="every column (forward FLOPs, activations, bytes per FLOP)")
     p.set_defaults(func=main)
 
 
@@ -118,7 +119,7 @@ def _fmt(n: float, unit: str = "") -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from launchers.cli import parse_model_opts
+    from launchers.flags import parse_model_opts
 
     if args.batch < 1:
         raise UsageError(f"invalid --batch {args.batch}: must be a positive integer")
@@ -146,8 +147,9 @@ def main(args: argparse.Namespace) -> int:
     t = Table(title=f"model zoo (fp32; comm/compute at per-device batch {args.batch})")
     cols = ["model", "params", "fwd FLOPs/sample", "train FLOPs/sample", "activations/sample", "grad bytes", "bytes/FLOP"]
     cols += [f"{c} train FLOPs" for c in args.check]
+    narrow = {"fwd FLOPs/sample", "activations/sample", "bytes/FLOP"}  # --wide only: the rest fits 80 columns
     for c in cols:
-        t.add_column(c, justify="left" if c == "model" else "right")
+        t.add_column(c, justify="left" if c == "model" else "right", no_wrap=c == "model")
     for r in rows:
         cells = [r["model"], _fmt(r["params"]), _fmt(r["forward_flops_per_sample"]), _fmt(r["train_flops_per_sample"]),
                  _fmt(r["activation_bytes_per_sample"], "B"), _fmt(r["grad_bytes"], "B"), f"{r['comm_to_compute_bytes_per_flop']:.2e}"]
@@ -155,5 +157,8 @@ def main(args: argparse.Namespace) -> int:
             v = r["torch_train_flops_per_sample" if c == "torch" else "xla_train_flops_per_sample"]
             cells.append(f"{_fmt(v)} ({v / r['train_flops_per_sample'] - 1:+.1%})")
         t.add_row(*cells)
+    if not args.wide:
+        for i in sorted((i for i, c in enumerate(cols) if c in narrow), reverse=True):
+            t.columns.pop(i)
     Console().print(t)
     return 0

@@ -21,16 +21,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from scaling import hardware
+from launchers.capacity import check_host_capacity
+from scaling.throughput import host
 from scaling.backends import BACKENDS, check_name, is_installed
 from scaling.errors import RunFailed, UsageError
 from scaling.meter import format_flops
-from scaling.sweep import plot, summarize
+from scaling import paths
+from scaling.report import mfu_text
+from scaling.run import write_json
+from scaling.sweep import host_ceiling, plot, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
-#: resident memory of one idle worker process, measured here (torch/jax imported), for the RAM check
-PROCESS_RSS = {"torch-ddp": 0.35e9, "jax-pmap": 0.5e9, "jax-sharded": 0.5e9, "torch-xla": 1.2e9}
-MAX_DEVICES_PER_CORE = 8
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,13 +46,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--global-batch", type=int, default=None, help="strong scaling global batch (default 512)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--untimed-steps", type=int, default=5)
+    p.add_argument("--probe-steps", type=int, default=2, dest="probe_steps",
+                   help="rounds of breakdown probes after each run (default 2: medians of 6 runs of each part; 0 = none)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default="adam")
+    p.add_argument("--sharding", choices=("none", "optimizer", "full"), default="none",
+                   help="shard gradients + optimizer state (optimizer) or everything (full) too; torch-ddp only so far")
     p.add_argument("--logdir", default="runs/scale", help="one TensorBoard run per configuration under here")
     p.add_argument("--out", default="out/scale", help="scale.json and scale.png go here")
     p.add_argument("--xla-python", default=None, help="python of the torch-xla environment (default: .venv-xla)")
     p.add_argument("--no-calibrate", action="store_true", help="do not calibrate this host first (no predictions if none)")
     p.add_argument("--step-timeout", type=float, default=60.0)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="separate runs per configuration; the one with the median step time is reported (its runs' "
+                        "step times ride along): on a shared host one run's median step varies run to run")
     p.set_defaults(func=main)
 
 
@@ -79,31 +87,6 @@ def parse_devices(text: str) -> list[int]:
     return devs
 
 
-def total_ram() -> float:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def check_host_capacity(backends: list[str], devices: list[int], model: str, model_opts: dict[str, str], batch_of) -> None:
-    """Refuse sweeps this host cannot emulate, before any process starts (exit 2, one line)."""
-    from models.spec import get_spec
-
-    cores = hardware.host_cores()
-    top = devices[-1]
-    if top > MAX_DEVICES_PER_CORE * cores:
-        raise UsageError(f"--devices {top}: more devices than this host can emulate ({MAX_DEVICES_PER_CORE} × {cores} cores = "
-                         f"{MAX_DEVICES_PER_CORE * cores}); use at most {MAX_DEVICES_PER_CORE * cores}")
-    spec = get_spec(model, **model_opts)
-    ram = total_ram()
-    for b in backends:
-        procs = top if b in ("torch-ddp",) else 1
-        # params + grads + two optimizer moments per replica, activations of its batch, fp32
-        per_device = 4 * (4 * spec.param_count + 2 * spec.activations_per_sample * batch_of(top) / top)
-        need = procs * PROCESS_RSS.get(b, 0.5e9) + top * per_device
-        if need > 0.8 * ram:
-            raise UsageError(f"--devices {top} with {b}: predicted memory {need / 1e9:.1f} GB is above 80% of this host's "
-                             f"RAM ({ram / 1e9:.1f} GB); use fewer devices or a smaller model/batch")
-
-
 def choose_backends(text: str | None, xla_python: str | None) -> tuple[list[str], list[str]]:
     """The backends to sweep, and notes on installed-but-missing ones."""
     notes = []
@@ -126,6 +109,14 @@ def choose_backends(text: str | None, xla_python: str | None) -> tuple[list[str]
     if not names:
         raise UsageError("no backend is installed; run `make venv` (or pip install 'podscale[torch,jax]')")
     return names, notes
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run whose step time is the median of the repeats (the lower middle of an even count)."""
+    chosen = dict(sorted(runs, key=lambda r: r["step_time_s"])[(len(runs) - 1) // 2])
+    if len(runs) > 1:
+        chosen["repeat_step_times_s"] = [r["step_time_s"] for r in runs]
+    return chosen
 
 
 def run_one(python: str, args: list[str], timeout: float) -> tuple[int, str]:
@@ -156,22 +147,35 @@ def main(args: argparse.Namespace) -> int:
     for n in (args.steps, pdb, gb):
         if n < 1:
             raise UsageError(f"sizes must be positive; got {n}")
+    if args.probe_steps < 0:
+        raise UsageError(f"invalid --probe-steps {args.probe_steps}: must be >= 0 (rounds of breakdown probes; 0 = none)")
+    if args.repeats < 1:
+        raise UsageError(f"invalid --repeats {args.repeats}: must be a positive integer (runs per configuration)")
     xla_python = find_xla_python(args.xla_python)
     backends, notes = choose_backends(args.backends, xla_python)
-    from launchers.cli import parse_model_opts
+    if args.sharding != "none":
+        from scaling.config import SHARDED_BACKENDS
+
+        unsharded = [b for b in backends if b not in SHARDED_BACKENDS]
+        if unsharded:
+            raise UsageError(f"--sharding {args.sharding}: {', '.join(unsharded)} cannot shard yet; "
+                             f"give --backends {','.join(SHARDED_BACKENDS)}")
+    from launchers.flags import parse_model_opts
 
     model_opts = parse_model_opts(args.model_opt)
-    check_host_capacity(backends, devices, args.model, model_opts, batch_of)
+    check_host_capacity(backends, devices, args.model, model_opts, batch_of, args.sharding, args.optimizer)
+    paths.writable_dir("--out", args.out)
+    paths.writable_dir("--logdir", args.logdir)
     for n in notes:
         console.print(f"[yellow]note:[/yellow] {n}")
 
     if not args.no_calibrate:
-        from scaling import perfmodel
+        from scaling.throughput import measure
 
         main_backends = [b for b in backends if b != "torch-xla"]
         t = time.time()
         console.print("calibrating this host (cached; once per machine) ...")
-        perfmodel.ensure_calibration(main_backends, devices, quick=True, log=lambda m: console.print(f"  {m}"))
+        measure.ensure(main_backends, devices, quick=True, log=lambda m: console.print(f"  {m}"))
         if "torch-xla" in backends and xla_python:
             subprocess.run([xla_python, "-m", "launchers.cli", "calibrate", "--quick", "--backends", "torch-xla",
                             "--devices", ",".join(map(str, devices))], check=False,
@@ -190,20 +194,26 @@ def main(args: argparse.Namespace) -> int:
         for b, n in configs:
             bar.update(task, description=f"{b} × {n}")
             name = f"{b}-{n}dev"
-            jpath = runs_dir / f"{name}.json"
-            run_args = ["--backend", b, "--model", args.model, "--devices", str(n), "--global-batch", str(batch_of(n)),
-                        "--steps", str(args.steps), "--untimed-steps", str(args.untimed_steps), "--dtype", args.dtype,
-                        "--optimizer", args.optimizer, "--json", str(jpath), "--logdir", str(Path(args.logdir) / name),
-                        "--step-timeout", str(args.step_timeout), "--quiet"]
-            for kv in args.model_opt:
-                run_args += ["--model-opt", kv]
-            python = xla_python if b == "torch-xla" and xla_python else sys.executable
-            code, last = run_one(python, run_args, timeout=args.step_timeout * 10 + 300)
-            if code != 0:
-                failures.append(f"{b} × {n} devices: exit {code}: {last}")
-                console.print(f"[red]{b} × {n} devices failed[/red] (exit {code}): {last}")
-            else:
-                results.append(json.loads(jpath.read_text()))
+            runs: list[dict[str, Any]] = []
+            for rep in range(args.repeats):
+                tag = name if rep == 0 else f"{name}-repeat{rep}"
+                jpath = runs_dir / f"{tag}.json"
+                run_args = ["--backend", b, "--model", args.model, "--devices", str(n), "--global-batch", str(batch_of(n)),
+                            "--steps", str(args.steps), "--untimed-steps", str(args.untimed_steps), "--dtype", args.dtype,
+                            "--probe-steps", str(args.probe_steps), "--sharding", args.sharding,
+                            "--optimizer", args.optimizer, "--json", str(jpath), "--logdir", args.logdir, "--run-name", tag,
+                            "--step-timeout", str(args.step_timeout), "--quiet"]
+                for kv in args.model_opt:
+                    run_args += ["--model-opt", kv]
+                python = xla_python if b == "torch-xla" and xla_python else sys.executable
+                code, last = run_one(python, run_args, timeout=args.step_timeout * 10 + 300)
+                if code != 0:
+                    failures.append(f"{b} × {n} devices: exit {code}: {last}")
+                    console.print(f"[red]{b} × {n} devices failed[/red] (exit {code}): {last}")
+                    break
+                runs.append(json.loads(jpath.read_text()))
+            if runs:
+                results.append(median_run(runs))
             bar.advance(task)
 
     summary = summarize(results, args.mode)
@@ -211,13 +221,14 @@ def main(args: argparse.Namespace) -> int:
         console.print(backend_table(backend, rows, args.mode, args.model))
     doc = {"mode": args.mode, "model": args.model, "devices": devices, "backends": backends,
            "per_device_batch": pdb if args.mode == "weak" else None, "global_batch": gb if args.mode == "strong" else None,
-           "host_cores": hardware.host_cores(), "summary": summary, "runs": results, "failures": failures}
-    tmp = out / ".scale.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, out / "scale.json")
-    png = plot(summary, args.mode, out / "scale.png",
+           "host_cores": host.host_cores(), "summary": summary, "runs": results, "failures": failures}
+    emulated = bool(results) and all(r["hardware"] == "host-cpu" for r in results)
+    if emulated:
+        doc["host_ceiling_efficiency"] = dict(zip(map(str, devices), host_ceiling(devices, host.host_cores())))
+    write_json(out / "scale.json", doc)
+    png = plot(summary, args.mode, out / "scale.png", cores=host.host_cores() if emulated else None,
                title=f"{args.model}, {args.mode} scaling on {results[0]['hardware'] if results else '?'} "
-                     f"({hardware.host_cores()} cores)")
+                     f"({host.host_cores()} cores)")
     console.print(f"wrote {out / 'scale.json'}, {png}; TensorBoard: tensorboard --logdir {args.logdir} --host 127.0.0.1")
     if failures:
         raise RunFailed(f"{len(failures)} of {len(configs)} runs failed; first: {failures[0]}")
@@ -239,7 +250,7 @@ def backend_table(backend: str, rows: list[dict[str, Any]], mode: str, model: st
     for r in rows:
         t.add_row(str(r["devices"]), str(r["global_batch"]), ms(r["step_time_s"]), ms(r["predicted_step_time_s"]),
                   pct(r["prediction_error"], True), f"{r['samples_per_s']:,.0f}", format_flops(r["achieved_flops"]),
-                  "n/a" if r["mfu"] is None else f"{r['mfu'] * 100:.2f}%", pct(r["efficiency"]), pct(r["predicted_efficiency"]))
+                  mfu_text(r["mfu"], 2), pct(r["efficiency"]), pct(r["predicted_efficiency"]))
     return t
 
 

@@ -80,10 +80,10 @@ class Accelerator:
 
     def pod(self) -> tuple[str, int]:
         """(catalog id, devices) of the full pod of this TPU generation; Colab's v5e pod elsewhere."""
-        from scaling import hardware
+        from scaling.throughput import catalog
 
         pod_id = TPU_CATALOG.get(self.generation or "", (None, None, None))[2] if self.kind == "tpu" else None
-        hw = hardware.get(pod_id or DEFAULT_POD)
+        hw = catalog.get(pod_id or DEFAULT_POD)
         return hw.id, hw.max_devices or hw.devices
 
     def describe(self) -> str:
@@ -98,11 +98,11 @@ class Accelerator:
 
 
 def _peak_text(hw_id: str) -> str:
-    from scaling import hardware
+    from scaling.throughput import catalog
 
     if hw_id == "host-cpu":
         return " (peak = this host's measured GEMM rate)"
-    hw = hardware.get(hw_id)
+    hw = catalog.get(hw_id)
     key, peak = hw.peak_for("bfloat16")
     return f" ({peak / 1e12:.4g} TFLOPS {key} per device)" if peak else ""
 
@@ -316,7 +316,7 @@ def run_args(acc: Accelerator, backend: str, d: RunDefaults, out: str = "runs") 
     TensorBoard scalars go to ``out/<backend>.json`` and ``out/<backend>/``."""
     args = ["--backend", backend, *d.model_args(), "--devices", str(d.devices), "--global-batch", str(d.global_batch),
             "--steps", str(d.steps), "--untimed-steps", str(d.untimed_steps), "--dtype", d.dtype,
-            "--json", f"{out}/{backend}.json", "--logdir", f"{out}/{backend}"]
+            "--json", f"{out}/{backend}.json", "--logdir", out, "--run-name", backend]
     if acc.hardware:
         args += ["--hardware", acc.hardware]
     return shlex.join(args)
@@ -362,6 +362,8 @@ def results_table(results: Sequence[Mapping[str, Any]]) -> Any:
     """Runs side by side: achieved TFLOPS and MFU against the peak of the hardware each ran on."""
     from rich.table import Table
 
+    from scaling.report import mfu_text
+
     t = Table(title="podscale on this runtime: achieved TFLOPS and MFU", title_style="bold")
     for col in ("backend", "hardware", "devices", "global batch", "step time", "samples/s", "achieved TFLOPS",
                 "peak TFLOPS", "MFU", "final loss"):
@@ -372,7 +374,7 @@ def results_table(results: Sequence[Mapping[str, Any]]) -> Any:
         t.add_row(r["backend"], str(r["hardware"]), str(r["devices"]), str(r["global_batch"]),
                   f"{r['step_time_s'] * 1e3:.3g} ms", f"{r['samples_per_s']:,.0f}", f"{r['achieved_flops'] / 1e12:.4g}",
                   f"{peak / 1e12:.4g} {r.get('peak_dtype', '')}" if peak else "n/a",
-                  f"{mfu * 100:.1f}%" if mfu is not None else "n/a", f"{r['losses'][-1]:.6g}")
+                  mfu_text(mfu), f"{r['losses'][-1]:.6g}")
     return t
 
 

@@ -47,6 +47,8 @@ class LaunchRequest:
     want_params: bool = False
     job_timeout: float | None = None
     env: dict[str, str] = field(default_factory=dict)
+    script_dir: str | None = None
+    """A user's script run: its directory is the job's working_dir (podscale travels as py_modules)."""
 
 
 @dataclass
@@ -93,6 +95,11 @@ def runtime_env(req: LaunchRequest) -> dict[str, Any]:
         "PYTHONUNBUFFERED": "1",
     })
     env.update(req.env)
+    if req.script_dir:
+        # the user's script and whatever sits beside it (their models.py, data) is the working_dir,
+        # so it runs on the cluster as it does here; podscale's own packages travel beside it
+        own = [str(ROOT / p) for p in ("scaling", "launchers", "models", "podscale")]
+        return {"working_dir": req.script_dir, "py_modules": own, "excludes": EXCLUDES, "env_vars": env}
     return {"working_dir": str(ROOT), "excludes": EXCLUDES, "env_vars": env}
 
 
@@ -150,7 +157,13 @@ def _client(address: str):
         raise RunFailed(f"cannot reach the Ray job server at {address}: {first[:300]}") from None
 
 
-def submit_and_wait(req: LaunchRequest, address: str, echo: Callable[[str], None] | None = None) -> JobOutcome:
+def cluster_address(explicit: str | None) -> str | None:
+    """``--address``, else ``RAY_ADDRESS`` as Ray's own ``ray job`` CLI reads it; None = no cluster named."""
+    return explicit or os.environ.get("RAY_ADDRESS") or None
+
+
+def submit(req: LaunchRequest, address: str) -> tuple[Any, str]:
+    """Submit the job and return (client, submission id) without waiting for it."""
     client = _client(address)
     job_id = f"podscale-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     # a head that has just started may not have its job agent up yet ("No available agent to submit
@@ -166,6 +179,11 @@ def submit_and_wait(req: LaunchRequest, address: str, echo: Callable[[str], None
                 time.sleep(1.0)
                 continue
             raise RunFailed(f"the Ray job server at {address} refused the job: {first[:300]}") from None
+    return client, job_id
+
+
+def submit_and_wait(req: LaunchRequest, address: str, echo: Callable[[str], None] | None = None) -> JobOutcome:
+    client, job_id = submit(req, address)
     try:
         t0 = time.monotonic()
         _follow(client, job_id, echo, req.job_timeout)
@@ -233,3 +251,64 @@ def _checked(out: JobOutcome) -> JobOutcome:
         tail = [ln for ln in out.logs.strip().splitlines() if ln.strip()][-3:]
         raise RunFailed(f"Ray job {out.job_id} ended {out.status} without a result; last log lines: {' | '.join(tail)[:500]}")
     return out
+
+
+# ---- the job lifecycle after ``launch --no-wait``: status, logs, stop ---------------------------
+
+
+def job_client(address: str | None) -> tuple[Any, str]:
+    addr = cluster_address(address)
+    if addr is None:
+        raise UsageError("no Ray cluster named: give --address http://HEAD:8265 or set RAY_ADDRESS (as for `ray job`)")
+    return _client(addr), addr
+
+
+def _asked(what: str, job_id: str, addr: str, fn: Callable[[], Any]) -> Any:
+    """One Jobs API call; an unknown id is bad input (exit 2), anything else one line (exit 3)."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - the SDK raises RuntimeError with the HTTP answer inside
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "404" in first or "does not exist" in first:
+            raise UsageError(f"no job {job_id!r} on the Ray cluster at {addr} (`ray job list --address {addr}` lists its jobs)") from None
+        raise RunFailed(f"could not {what} job {job_id} at {addr}: {first[:300]}") from None
+
+
+def job_status(client: Any, job_id: str, addr: str) -> str:
+    st = _asked("ask the status of", job_id, addr, lambda: client.get_job_status(job_id))
+    return str(getattr(st, "value", st))
+
+
+def job_logs(client: Any, job_id: str, addr: str) -> str:
+    """The job's log as a user reads it: the marked result lines stay out (they are data)."""
+    logs = _asked("read the log of", job_id, addr, lambda: client.get_job_logs(job_id))
+    out: list[str] = []
+    _LogEcho(out.append).feed(logs + "\n")
+    return "\n".join(out)
+
+
+def job_outcome(client: Any, job_id: str, addr: str) -> JobOutcome:
+    status = job_status(client, job_id, addr)
+    logs = _asked("read the log of", job_id, addr, lambda: client.get_job_logs(job_id))
+    result, params, error = parse_marks(logs)
+    return JobOutcome(job_id, status, result, params, error, logs)
+
+
+def follow_logs(client: Any, job_id: str, addr: str, echo: Callable[[str], None]) -> None:
+    _asked("ask the status of", job_id, addr, lambda: client.get_job_status(job_id))  # an unknown id: one line
+    _follow(client, job_id, echo, None)
+
+
+def job_stop(client: Any, job_id: str, addr: str, wait_s: float = 30.0) -> str:
+    """Stop the job and wait (bounded) for Ray to report it ended; its status then."""
+    status = job_status(client, job_id, addr)
+    if status in TERMINAL:
+        return status
+    _asked("stop", job_id, addr, lambda: client.stop_job(job_id))
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        status = job_status(client, job_id, addr)
+        if status in TERMINAL:
+            return status
+        time.sleep(0.3)
+    raise RunFailed(f"Ray job {job_id} still {status} {wait_s:g}s after it was told to stop")

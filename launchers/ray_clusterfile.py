@@ -85,13 +85,13 @@ class ClusterReport:
 
     def peak_flops(self, dtype_key: str, at: str = "max") -> float | None:
         """Sum over node types of nodes x accelerators x the catalog's dense peak per device."""
-        from scaling import hardware
+        from scaling.throughput import catalog
 
         total, known = 0.0, False
         for nt in self.node_types:
             if nt.hardware is None or not nt.accelerators:
                 continue
-            peak = hardware.get(nt.hardware).peak(dtype_key)
+            peak = catalog.get(nt.hardware).peak(dtype_key)
             if peak is None:
                 continue
             known = True

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from scaling.config import RunConfig
-from scaling.errors import RunFailed, UsageError
+from scaling.errors import Diverged, RunFailed, UsageError
 
 
 class _HostContext:
@@ -166,7 +166,7 @@ def _wait_all(refs: list[Any], cfg: RunConfig) -> list[Any]:
                 raise _HostDied(f"JAX host {refs.index(r)} died ({type(e).__name__})") from None
             except RayTaskError as e:
                 cause = e.cause if getattr(e, "cause", None) is not None else e
-                if isinstance(cause, (UsageError, RunFailed)):
+                if isinstance(cause, (UsageError, RunFailed, Diverged)):  # bad input, a non-finite loss: no retry
                     raise cause from None
                 first = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
                 raise _HostDied(f"JAX host {refs.index(r)} failed: {first[:300]}") from None

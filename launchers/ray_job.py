@@ -36,21 +36,27 @@ MAX_PARAMS_BYTES = 64 * 2**20
 
 def parse_run_args(argv: list[str]):
     """The ``run`` flags exactly as ``podscale run`` parses them (same parser, same errors)."""
-    from launchers import cli
+    from launchers import flags
 
     if not argv or argv[0] != "run":
         raise UsageError(f"podscale launch runs 'run' jobs; got {argv[0] if argv else 'nothing'!r} after --")
-    p = cli.OneLineParser(prog="podscale launch -- run", add_help=False)
-    cli.add_run_flags(p)
+    p = flags.OneLineParser(prog="podscale launch -- run", add_help=False)
+    flags.add_run_flags(p)
     p.add_argument("--quiet", action="store_true")
+    rest, script_args = argv[1:], []
+    if "--" in rest:  # run train.py [flags] -- [the script's own arguments]
+        cut = rest.index("--")
+        rest, script_args = rest[:cut], rest[cut + 1 :]
     try:
-        ns, extra = p.parse_known_args(argv[1:])
+        ns, extra = p.parse_known_args(rest)
     except SystemExit:
         raise UsageError("bad 'run' flags after -- (see podscale run --help)") from None
     if extra:
         raise UsageError(f"unknown 'run' flag(s) {' '.join(extra)} (see podscale run --help)")
     ns = argparse.Namespace(**{k: v for k, v in vars(ns).items() if k != "quiet"})
-    return cli.config_from_args(ns)
+    if script_args:
+        ns.script_args = script_args
+    return flags.config_from_args(ns)
 
 
 def resolve_mode(mode: str, backend: str) -> str:
@@ -89,10 +95,16 @@ def run_job(argv: list[str], mode: str, max_failures: int, resource_timeout: flo
     cfg = parse_run_args(argv)
     inner = cfg.replace(json_path=None, params_out=None, logdir=None)
     preflight(inner)
+    if cfg.script is not None:
+        # a user's script starts its world on the job's node, as `podscale run train.py` does there;
+        # Ray Train and the JAX actors run the zoo's own loops
+        if mode == "ray":
+            raise UsageError("--train ray runs the model zoo's loops; a script runs with --train local (the default for scripts)")
+        mode = "local"
     mode = resolve_mode(mode, cfg.backend)
     params: bytes | None = None
     if mode == "local":
-        from launchers.local import run_local
+        from scaling.world import run_local
 
         with tempfile.TemporaryDirectory(prefix="podscale-job-") as tmp:
             out = Path(tmp) / "final_params.npz"
@@ -115,15 +127,18 @@ def run_job(argv: list[str], mode: str, max_failures: int, resource_timeout: flo
 
 def run_scale(argv: list[str]) -> tuple[dict[str, Any], bytes | None]:
     """``podscale scale`` on the job's node (its sweep starts local runs there); the outputs go to a
-    private directory and come back through the log: scale.json as the result, scale.png beside it."""
-    from launchers import cli
+    private directory and come back through the log: scale.json as the result, scale.png beside it.
+    Its UsageError / RunFailed reach ``main`` as they are, so the client sees the sweep's own line."""
+    from launchers import cmd_scale, flags
 
+    parser = flags.OneLineParser(prog="podscale")
+    cmd_scale.register(parser.add_subparsers(dest="command", required=True, parser_class=flags.OneLineParser))
     with tempfile.TemporaryDirectory(prefix="podscale-scale-") as tmp:
-        code = cli.main(["scale", *argv[1:], "--out", tmp, "--logdir", str(Path(tmp) / "runs")])
+        args = parser.parse_args(["scale", *argv[1:], "--out", tmp, "--logdir", str(Path(tmp) / "runs")])
+        code = int(args.func(args) or 0)
         doc = Path(tmp) / "scale.json"
         if code != 0 or not doc.exists():
-            err = UsageError if code == 2 else RunFailed
-            raise err(f"podscale scale on the cluster exited with code {code} (its message is in the job log above)")
+            raise RunFailed(f"podscale scale on the cluster exited with code {code} (its message is in the job log above)")
         png = Path(tmp) / "scale.png"
         return json.loads(doc.read_text()), png.read_bytes() if png.exists() else None
 

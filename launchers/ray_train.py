@@ -69,7 +69,7 @@ def _train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     import ray.train
     import torch
 
-    from scaling import hardware
+    from scaling.throughput import catalog
     from scaling.backends import torch_ddp
 
     cfg = RunConfig.from_json(config["cfg"])
@@ -114,7 +114,7 @@ def _train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
         raw = torch_ddp.train(run_cfg, _RayWorkerContext(work), report=report)
         if raw is None:
             return None
-        raw["hardware"] = hardware.detect(cfg.backend)  # the workers' node, not the driver's
+        raw["hardware"] = catalog.detect(cfg.backend)  # the workers' node, not the driver's
         params = work / "final_params.npz"
         return {"raw": raw, "params_npz": params.read_bytes() if params.exists() else None}
     finally:

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from models.spec import SPECS, LayerCost, ModelSpec, uniform_init
-from scaling.errors import UsageError
+from models.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,7 @@ class CNNSpec(ModelSpec):
     num_classes: int
 
     def _check_common(self) -> None:
-        for k in ("image_size", "in_channels", "num_classes", "width"):
-            v = getattr(self, k, 1)
-            if not isinstance(v, int) or v < 1:
-                raise UsageError(f"invalid --model-opt {k}={v!r} for model {self.name!r}: must be a positive integer")
+        self.require_positive("image_size", "in_channels", "num_classes", "width")
         self.shapes()  # raises a one-line UsageError when the input is too small for the network
 
     def ops(self) -> list[Op]:
@@ -347,7 +344,7 @@ RESNET_BLOCKS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: (
 
 @dataclass(frozen=True)
 class ResNetSpec(CNNSpec):
-    """torchvision ResNet (v1.5: stride in the 3x3 conv of a bottleneck), batch norm after every conv.
+    """torchvision ResNet (v1.5: stride in the 3x3 conv of a bottleneck; v1 with ``stride_in_1x1``), batch norm after every conv.
 
     ``width`` = stem channels (64: 11.7 M params for depth 18, 25.6 M for 50); ``small`` = CIFAR
     stem (3x3/1 conv, no max-pool) for 8..32-pixel inputs.
@@ -360,6 +357,9 @@ class ResNetSpec(CNNSpec):
     width: int = 64
     small: bool = False
     depth: ClassVar[int] = 18
+    stride_in_1x1: ClassVar[bool] = False
+    """True: ResNet v1 (He et al. 2016: a bottleneck downsamples in its first 1x1 conv, 3.9 GMACs at
+    depth 50); False: v1.5 (torchvision, NVIDIA's "ResNet-50 v1.5": in the 3x3 conv, 4.1 GMACs)."""
 
     def __post_init__(self) -> None:
         self._check_common()
@@ -384,8 +384,9 @@ class ResNetSpec(CNNSpec):
                     ops += [Op("conv", f"{pre}.conv1", (c_in, planes, 3, stride, 1, False)), Op("bn", f"{pre}.bn1", (planes,)), Op("relu"),
                             Op("conv", f"{pre}.conv2", (planes, planes, 3, 1, 1, False)), Op("bn", f"{pre}.bn2", (planes,))]
                 else:
-                    ops += [Op("conv", f"{pre}.conv1", (c_in, planes, 1, 1, 0, False)), Op("bn", f"{pre}.bn1", (planes,)), Op("relu"),
-                            Op("conv", f"{pre}.conv2", (planes, planes, 3, stride, 1, False)), Op("bn", f"{pre}.bn2", (planes,)), Op("relu"),
+                    s1, s3 = (stride, 1) if self.stride_in_1x1 else (1, stride)  # v1 (He et al.) vs v1.5 (torchvision)
+                    ops += [Op("conv", f"{pre}.conv1", (c_in, planes, 1, s1, 0, False)), Op("bn", f"{pre}.bn1", (planes,)), Op("relu"),
+                            Op("conv", f"{pre}.conv2", (planes, planes, 3, s3, 1, False)), Op("bn", f"{pre}.bn2", (planes,)), Op("relu"),
                             Op("conv", f"{pre}.conv3", (planes, c_out, 1, 1, 0, False)), Op("bn", f"{pre}.bn3", (c_out,))]
                 if stride != 1 or c_in != c_out:
                     ops += [Op("conv", f"{pre}.down.conv", (c_in, c_out, 1, stride, 0, False), src="id", dst="id"),

@@ -24,7 +24,7 @@ from typing import ClassVar
 import numpy as np
 
 from models.spec import SPECS, LayerCost, ModelSpec
-from scaling.errors import UsageError
+from models.errors import UsageError
 
 LN_EPS = 1e-5
 
@@ -41,10 +41,7 @@ class GPTSpec(ModelSpec):
     mlp_ratio: int = 4
 
     def __post_init__(self) -> None:
-        for k in ("vocab", "seq_len", "layers", "d_model", "heads", "mlp_ratio"):
-            v = getattr(self, k)
-            if not isinstance(v, int) or v < 1:
-                raise UsageError(f"invalid --model-opt {k}={v!r} for model 'gpt-tiny': must be a positive integer")
+        self.require_positive("vocab", "seq_len", "layers", "d_model", "heads", "mlp_ratio")
         if self.d_model % self.heads:
             raise UsageError(f"invalid --model-opt heads={self.heads} for model 'gpt-tiny': must divide d_model={self.d_model}")
 
@@ -120,12 +117,16 @@ class GPTSpec(ModelSpec):
                   mm("head", "dense", T, d, V, d * V, T * V)]
         return costs
 
-    def synthetic_data(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """Arithmetic token sequences (start a, stride b, mod vocab): random, yet learnable in context.
+    def synthetic_data(self, n: int, seed: int, teacher: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Arithmetic token sequences (start a, stride b, mod vocab): random, yet learnable in context
+        (``teacher=False``: uniformly random tokens, nothing to learn).
 
         x = tokens 0..T-1, y = tokens 1..T (the next token at every position), both int64.
         """
         rng = np.random.default_rng([seed, 1])
+        if not teacher:
+            seq = rng.integers(0, self.vocab, size=(n, self.seq_len + 1))
+            return np.ascontiguousarray(seq[:, :-1].astype(np.int64)), np.ascontiguousarray(seq[:, 1:].astype(np.int64))
         a = rng.integers(0, self.vocab, size=(n, 1))
         b = rng.integers(1, max(2, min(self.vocab, 8)), size=(n, 1))
         seq = (a + b * np.arange(self.seq_len + 1)[None, :]) % self.vocab

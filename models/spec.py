@@ -4,7 +4,7 @@ Both frameworks build their modules from the same spec and the same numpy initia
 torch run and a JAX run of "the same model" start from bit-identical parameters, and the
 throughput model can count FLOPs of full-size networks without building them.
 
-Conventions (used by ``scaling/flops.py`` and the MFU numbers):
+Conventions (used by ``scaling/throughput/flops.py`` and the MFU numbers):
 - FLOPs count multiply-adds as 2 and cover matmuls and convolutions (what FLOP counters and peak
   figures count); elementwise work (bias adds, activations, the loss) is listed separately as
   ``elementwise`` and is not part of model FLOPs.
@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from scaling.errors import UsageError
+from models.errors import UsageError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -113,15 +113,45 @@ class ModelSpec(ABC):
             out[k] = a.astype(np.float32)
         return out
 
-    def synthetic_data(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """Deterministic inputs and targets for n samples (regression: normal targets)."""
+    def require_positive(self, *keys: str) -> None:
+        """Each named option is a positive integer, else the one-line error every spec gives."""
+        for k in keys:
+            v = getattr(self, k, 1)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise UsageError(f"invalid --model-opt {k}={v!r} for model {self.name!r}: must be a positive integer")
+
+    def synthetic_data(self, n: int, seed: int, teacher: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Deterministic inputs and targets for n samples.
+
+        ``teacher``: targets come from a fixed random teacher network plus small noise, so that
+        training on them shows a falling loss (a benchmark that learns nothing hides broken
+        training). ``teacher=False``: pure-noise targets, whose loss cannot fall (``--data noise``).
+        """
         rng = np.random.default_rng([seed, 1])
         x = rng.standard_normal((n, *self.input_shape), dtype=np.float32)
+        if not teacher:
+            if self.task == "classification":
+                return x, rng.integers(0, self.output_dim, size=(n,)).astype(np.int64)
+            return x, rng.standard_normal((n, self.output_dim), dtype=np.float32)
+        out = teacher_outputs(x, self.output_dim, seed)
+        noise = np.random.default_rng([seed, 3]).standard_normal(out.shape).astype(np.float32)
         if self.task == "classification":
-            y = rng.integers(0, self.output_dim, size=(n,)).astype(np.int64)
-        else:
-            y = rng.standard_normal((n, self.output_dim), dtype=np.float32)
-        return x, y
+            return x, np.argmax(out + 0.1 * noise, axis=1).astype(np.int64)
+        return x, (out + 0.1 * noise).astype(np.float32)
+
+
+#: hidden width of the synthetic data's teacher network
+TEACHER_HIDDEN = 64
+
+
+def teacher_outputs(x: np.ndarray, d_out: int, seed: int) -> np.ndarray:
+    """A fixed random two-layer tanh network of the flattened input, scaled to unit variance."""
+    rng = np.random.default_rng([seed, 2])
+    flat = x.reshape(len(x), -1)
+    w1 = rng.standard_normal((flat.shape[1], TEACHER_HIDDEN), dtype=np.float32) / np.float32(np.sqrt(flat.shape[1]))
+    w2 = rng.standard_normal((TEACHER_HIDDEN, d_out), dtype=np.float32) / np.float32(np.sqrt(TEACHER_HIDDEN))
+    out = np.tanh(flat @ w1) @ w2
+    return out / max(float(out.std()), 1e-12)
 
 
 def uniform_init(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int) -> np.ndarray:
@@ -142,9 +172,7 @@ class MLPSpec(ModelSpec):
     activation: str = "relu"
 
     def __post_init__(self) -> None:
-        for k in ("d_in", "hidden", "d_out"):
-            if getattr(self, k) < 1:
-                raise UsageError(f"invalid --model-opt {k}={getattr(self, k)}: must be a positive integer")
+        self.require_positive("d_in", "hidden", "d_out")
         if self.activation not in ("relu", "sigmoid"):
             raise UsageError(f"invalid --model-opt activation={self.activation!r}; valid: relu, sigmoid")
 
@@ -213,10 +241,20 @@ def _coerce(value: Any, typ: Any, key: str, model: str) -> Any:
     return value
 
 
+def canonical_model_name(name: str) -> str:
+    """The zoo's spelling of a model name: ``resnet-50``, ``ResNet50`` and ``resnet_50`` are the zoo's
+    ``resnet50`` (papers and torchvision spell them differently); an unknown name comes back as given."""
+    if name in SPECS:
+        return name
+    key = name.lower().replace("-", "").replace("_", "")
+    return next((k for k in SPECS if k.replace("-", "").replace("_", "") == key), name)
+
+
 def get_spec(name: str, **opts: Any) -> ModelSpec:
     """Build a spec by model name; opts may be strings from the command line."""
+    name = canonical_model_name(name)
     if name not in SPECS:
-        raise UsageError(f"unknown model {name!r}; valid: {', '.join(SPECS)}")
+        raise UsageError(f"unknown model {name!r}{did_you_mean(name, SPECS)}; valid: {', '.join(SPECS)}")
     cls = SPECS[name]
     flds = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     aliases = {"h": "hidden", "d_hidden": "hidden"}
@@ -224,17 +262,6 @@ def get_spec(name: str, **opts: Any) -> ModelSpec:
     for k, v in opts.items():
         key = aliases.get(k.replace("-", "_"), k.replace("-", "_"))
         if key not in flds:
-            raise UsageError(f"unknown --model-opt {k!r} for model {name!r}; valid: {', '.join(flds)}")
+            raise UsageError(f"unknown --model-opt {k!r} for model {name!r}{did_you_mean(k, flds)}; valid: {', '.join(flds)}")
         kwargs[key] = _coerce(v, flds[key].type, key, name)
     return cls(**kwargs)
-
-
-def _register_zoo() -> None:
-    """The model zoo's specs add themselves to SPECS on import (kept last: they import this module)."""
-    import importlib
-
-    for mod in ("models.cnn_spec", "models.gpt_spec"):
-        importlib.import_module(mod)
-
-
-_register_zoo()

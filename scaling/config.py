@@ -8,16 +8,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import time
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from models.spec import canonical_model_name
 from scaling.errors import UsageError
 
 OPTIMIZERS = ("sgd", "adam")
 REDUCTIONS = ("mean", "sum")
 DTYPES = ("float32", "bfloat16")
+SHARDINGS = ("none", "optimizer", "full")
+#: backends that shard the training state (torch-xla: SPMD annotations, its spmd launcher only)
+SHARDED_BACKENDS = ("torch-ddp", "jax-sharded", "torch-xla")
+#: fields whose flag is not the field's name with dashes
+_FLAGS = {"model_opts": "--model-opt", "json_path": "--json", "script_args": "script arguments (after --)"}
 
 
 @dataclass(frozen=True)
@@ -36,10 +44,16 @@ class RunConfig:
     """Optimizer steps to train (untimed ones included)."""
     untimed_steps: int = 2
     """First steps trained but not timed: compilation, allocator and cache warm-up."""
+    probe_steps: int | None = None
+    """Rounds of probes after training that measure where a step's time goes (data, compute,
+    exposed communication); the model and optimizer are restored after. A round runs each part a
+    few times, about 9 steps' work, so None (auto) gives one round per 30 training steps, at most
+    10: a short run is not made several times longer by its own probes. 0 = none."""
     lr: float = 1e-3
     """Learning rate."""
-    optimizer: str = "sgd"
-    """sgd (plain) or adam (beta1 0.9, beta2 0.999, eps 1e-8), identical in every framework."""
+    optimizer: str = "adam"
+    """adam (beta1 0.9, beta2 0.999, eps 1e-8) or sgd (plain), identical in every framework. adam is
+    the default: at the default lr it learns within the default steps, where plain SGD barely moves."""
     loss_reduction: str = "mean"
     """Squared error: sum over batch and outputs, or that divided by (global_batch x outputs)."""
     seed: int = 0
@@ -53,7 +67,10 @@ class RunConfig:
     model_opts: dict[str, Any] = field(default_factory=dict)
     """Model hyper-parameters (``--model-opt hidden=100``)."""
     logdir: str | None = None
-    """TensorBoard log directory for this run's scalars."""
+    """TensorBoard log directory; this run's scalars go in its subfolder ``run_name``."""
+    run_name: str | None = None
+    """The run's subfolder of ``logdir`` (one TensorBoard run each); None = backend, model,
+    devices and a timestamp, chosen when the run starts."""
     json_path: str | None = None
     """Where the result JSON goes."""
     params_out: str | None = None
@@ -74,13 +91,26 @@ class RunConfig:
     """torch.compile the model (torch backends); JAX always jits."""
     sync_bn: bool = False
     """Cross-replica batch-norm statistics (models with batch norm)."""
+    sharding: str = "none"
+    """What is split over the devices besides the batch: none (replicated data parallelism),
+    optimizer (gradients + optimizer state; FSDP2 keeping parameters gathered through a step) or
+    full (parameters too, ZeRO-3 style). See ``scaling.sharding_torch``."""
     launcher: str = "spmd"
     """torch-xla only: spmd (default), torchrun or xmp."""
+    script: str | None = None
+    """A user's training script, run as ``__main__`` in every process (``podscale run train.py``);
+    None = train the zoo's ``model``."""
+    script_args: list[str] = field(default_factory=list)
+    """The script's own arguments (what follows ``--``), its ``sys.argv[1:]``."""
 
     def __post_init__(self) -> None:
         def bad(name: str, value: Any, valid: str) -> UsageError:
-            return UsageError(f"invalid --{name.replace('_', '-')} {value!r}: {valid}")
+            flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
+            return UsageError(f"invalid {flag} {value!r}: {valid}")
 
+        for f in fields(self):  # types first: a TOML/YAML file or a caller can hand in anything
+            object.__setattr__(self, f.name, _typed(f.name, getattr(self, f.name), str(f.type), bad))
+        object.__setattr__(self, "model", canonical_model_name(self.model))  # resnet-50 = resnet50
         if self.devices < 1:
             raise bad("devices", self.devices, "must be a positive integer (1, 2, 4, 8, ...)")
         if self.global_batch < 1:
@@ -96,6 +126,8 @@ class RunConfig:
             raise bad("steps", self.steps, "must be a positive integer")
         if not 0 <= self.untimed_steps < self.steps:
             raise bad("untimed_steps", self.untimed_steps, f"must be in 0..{self.steps - 1} (fewer than --steps)")
+        if self.probe_steps is not None and self.probe_steps < 0:
+            raise bad("probe_steps", self.probe_steps, "must be >= 0 (0 = no breakdown)")
         if not self.lr > 0:
             raise bad("lr", self.lr, "must be positive")
         if self.optimizer not in OPTIMIZERS:
@@ -110,16 +142,66 @@ class RunConfig:
             raise bad("checkpoint_every", self.checkpoint_every, "must be >= 0")
         if (self.checkpoint_every or self.resume) and not self.checkpoint_dir:
             raise UsageError("--checkpoint-every/--resume need --checkpoint-dir DIR")
+        if not self.startup_timeout > 0:
+            raise bad("startup_timeout", self.startup_timeout, "must be positive seconds")
+        if self.seed < 0:
+            raise bad("seed", self.seed, "must be a non-negative integer")
+        if self.run_name is not None and (not self.run_name.strip() or self.run_name.startswith("/") or ".." in Path(self.run_name).parts):
+            raise bad("run_name", self.run_name, "must be a non-empty relative name inside --logdir (e.g. ddp4-adam)")
         if self.launcher not in ("spmd", "torchrun", "xmp"):
             raise bad("launcher", self.launcher, "valid: spmd, torchrun, xmp")
+        if self.sharding not in SHARDINGS:
+            raise bad("sharding", self.sharding, f"valid: {', '.join(SHARDINGS)}")
+        if self.sharding != "none" and self.backend not in SHARDED_BACKENDS:
+            why = "jax-pmap replicates by design" if self.backend == "jax-pmap" else f"{self.backend} has no sharded mode yet"
+            raise UsageError(f"--sharding {self.sharding} on --backend {self.backend}: {why}; "
+                             f"backends that shard: {', '.join(SHARDED_BACKENDS)}")
+        if self.sharding != "none" and self.backend == "torch-xla" and self.launcher != "spmd":
+            raise UsageError(f"--sharding {self.sharding} on torch-xla shards through SPMD annotations: "
+                             f"use --launcher spmd (the default), not {self.launcher}")
 
     @property
     def per_device_batch(self) -> int:
         return self.global_batch // self.devices
 
+    def probe_rounds(self, steps: int) -> int:
+        """``probe_steps``, with auto (None) resolved against the run's length in steps."""
+        return self.probe_steps if self.probe_steps is not None else min(10, steps // 30)
+
+    def probe_why_none(self, steps: int) -> str:
+        """Why a run has no breakdown probes, in the words a user would act on."""
+        if self.probe_steps == 0:
+            return "no probes (--probe-steps 0)"
+        return f"no probes: auto gives one round per 30 steps and this run has {steps} (--probe-steps K to probe anyway)"
+
     @property
     def timed_steps(self) -> int:
         return self.steps - self.untimed_steps
+
+    @property
+    def collective_timeout(self) -> float:
+        """Seconds a rank waits in one collective before it gives up.
+
+        Longer than ``step_timeout`` on purpose: the launcher's watchdog fires first and names the
+        stuck rank; a collective timing out first would blame the peer that was waiting for it.
+        Still bounded, so a rank whose launcher is gone cannot wait for ever.
+        """
+        return 2 * self.step_timeout + 5
+
+    def with_run_name(self) -> RunConfig:
+        """This config with its TensorBoard run named (the default name, if none was given)."""
+        if self.run_name is not None:
+            return self
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        what = Path(self.script).stem if self.script else self.model
+        return self.replace(run_name=f"{self.backend}-{what}-{self.devices}dev-{stamp}")
+
+    @property
+    def run_logdir(self) -> Path | None:
+        """Where this run's event files go: ``logdir/run_name``."""
+        if self.logdir is None:
+            return None
+        return Path(self.logdir) / (self.with_run_name().run_name or "")
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
@@ -141,6 +223,40 @@ class RunConfig:
     @classmethod
     def from_json(cls, s: str) -> RunConfig:
         return cls.from_dict(json.loads(s))
+
+
+#: what each annotation accepts, in the words of the error message
+_TYPE_WORDS = {"int": "an integer", "float": "a finite number", "str": "a string", "bool": "true or false",
+               "dict[str, Any]": "a table of KEY = VALUE (e.g. {hidden = 100})", "list[str]": "a list of strings"}
+
+
+def _typed(name: str, value: Any, annotation: str, bad: Any) -> Any:
+    """``value`` checked against the field's annotation (ints stay ints; an int is a valid float)."""
+    base = annotation.removesuffix(" | None")
+    if value is None:
+        if base != annotation:
+            return None
+        raise bad(name, value, f"must be {_TYPE_WORDS[base]}")
+    ok: bool
+    if base == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        value = float(value) if ok else value
+    elif base == "str":
+        ok = isinstance(value, str)
+    elif base == "bool":
+        ok = isinstance(value, bool)
+    elif base == "dict[str, Any]":
+        ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, (str, int, float, bool))
+                                             for k, v in value.items())
+    elif base == "list[str]":
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    else:  # a new field with a new kind of annotation: teach this table its words
+        raise TypeError(f"RunConfig.{name}: no type check for {annotation!r}")
+    if not ok:
+        raise bad(name, value, f"must be {_TYPE_WORDS[base]}")
+    return value
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

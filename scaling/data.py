@@ -7,32 +7,15 @@ device, and lets a resumed run find its data position from the step number alone
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from models.spec import ModelSpec
+from scaling.datasets import NAMED_DATASETS, Dataset
 from scaling.errors import UsageError
 
-
-@dataclass(frozen=True)
-class Dataset:
-    x: np.ndarray
-    y: np.ndarray
-    name: str
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def indices(self, step: int, global_batch: int) -> np.ndarray:
-        return (np.arange(global_batch, dtype=np.int64) + step * global_batch) % len(self.x)
-
-    def shard(self, step: int, global_batch: int, rank: int, world: int) -> tuple[np.ndarray, np.ndarray]:
-        """Rank ``rank``'s slice of step ``step``'s global batch."""
-        b = global_batch // world
-        idx = self.indices(step, global_batch)[rank * b : (rank + 1) * b]
-        return self.x[idx], self.y[idx]
+__all__ = ["Dataset", "load_dataset", "load_init", "synthetic_size"]
 
 
 def synthetic_size(global_batch: int) -> int:
@@ -42,14 +25,14 @@ def synthetic_size(global_batch: int) -> int:
 
 def load_dataset(spec: ModelSpec, data: str | None, global_batch: int, seed: int) -> Dataset:
     """The run's data: a user's .npz (x, y), or deterministic synthetic samples from the seed."""
-    if data is None:
-        x, y = spec.synthetic_data(synthetic_size(global_batch), seed)
-        return Dataset(x, y, "synthetic")
+    if data is None or data == "noise":
+        x, y = spec.synthetic_data(synthetic_size(global_batch), seed, teacher=data is None)
+        return Dataset(x, y, "synthetic" if data is None else "noise")
     if data in NAMED_DATASETS:
         return NAMED_DATASETS[data](spec)
     p = Path(data)
     if not p.is_file():
-        raise UsageError(f"--data {data!r}: no such file (expected an .npz with arrays x and y{', or one of: ' + ', '.join(NAMED_DATASETS) if NAMED_DATASETS else ''})")
+        raise UsageError(f"--data {data!r}: no such file (expected an .npz with arrays x and y, or one of: {', '.join(['noise', *NAMED_DATASETS])})")
     try:
         with np.load(p, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
@@ -70,11 +53,10 @@ def load_dataset(spec: ModelSpec, data: str | None, global_batch: int, seed: int
         y = y.astype(np.float32)
     if len(x) != len(y) or len(x) == 0:
         raise UsageError(f"--data {data!r}: x has {len(x)} samples and y has {len(y)}; they must be equal and non-zero")
+    if len(x) < global_batch:
+        raise UsageError(f"--data {data!r} has {len(x)} samples, fewer than --global-batch {global_batch}: every step would "
+                         f"repeat samples; use --global-batch {len(x)} or less, or more data")
     return Dataset(np.ascontiguousarray(x.astype(np.float32)), np.ascontiguousarray(y), p.name)
-
-
-#: named datasets that ship with a package (the model-zoo issue adds "digits")
-NAMED_DATASETS: dict[str, object] = {}
 
 
 def load_init(spec: ModelSpec, init: str | None, seed: int) -> dict[str, np.ndarray]:
@@ -90,13 +72,3 @@ def load_init(spec: ModelSpec, init: str | None, seed: int) -> dict[str, np.ndar
     except Exception as e:  # noqa: BLE001
         raise UsageError(f"--init {init!r} is not a readable .npz file ({type(e).__name__})") from None
     return spec.check_params(arrays, f"--init {init!r}")
-
-
-def _register_named() -> None:
-    """Named datasets register themselves on import (kept last: they import this module)."""
-    import importlib
-
-    importlib.import_module("scaling.datasets")
-
-
-_register_named()

@@ -1,4 +1,5 @@
-"""Real small datasets that ship inside a package, so a test can train to a real accuracy offline.
+"""The arrays every backend walks (``Dataset``), and real small datasets that ship inside a package,
+so a test can train to a real accuracy offline.
 
 ``digits``: scikit-learn's 1,797 handwritten digits (8x8 grey levels 0..16, 10 classes), scaled to
 [0, 1], shuffled once with a fixed seed and split 80/20 into train and a held-out test set. The
@@ -15,11 +16,29 @@ from typing import Callable
 import numpy as np
 
 from models.spec import ModelSpec
-from scaling.data import NAMED_DATASETS, Dataset
 from scaling.errors import UsageError
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class Dataset:
+    x: np.ndarray
+    y: np.ndarray
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def indices(self, step: int, global_batch: int) -> np.ndarray:
+        return (np.arange(global_batch, dtype=np.int64) + step * global_batch) % len(self.x)
+
+    def shard(self, step: int, global_batch: int, rank: int, world: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rank ``rank``'s slice of step ``step``'s global batch."""
+        b = global_batch // world
+        idx = self.indices(step, global_batch)[rank * b : (rank + 1) * b]
+        return self.x[idx], self.y[idx]
 
 
 @dataclass(frozen=True)
@@ -74,4 +93,5 @@ def accuracy(predict: Callable[[np.ndarray], np.ndarray], data: Dataset, batch: 
     return right / len(x_test)
 
 
-NAMED_DATASETS["digits"] = digits
+#: named datasets that ship inside a package: ``--data NAME``
+NAMED_DATASETS: dict[str, Callable[[ModelSpec], Dataset]] = {"digits": digits}

@@ -28,10 +28,14 @@ def parse(spec: str | None) -> tuple[int, int, str] | None:
     return rank, step, mode
 
 
-_FAULT = parse(os.environ.get("PODSCALE_FAULT"))
+_UNREAD = ("", -1, "")
+_FAULT: tuple[int, int, str] | None = _UNREAD  # read on first use: a bad value is the launcher's to report
 
 
 def maybe_fault(rank: int, step: int) -> None:
+    global _FAULT
+    if _FAULT is _UNREAD:
+        _FAULT = parse(os.environ.get("PODSCALE_FAULT"))
     if _FAULT is None or _FAULT[0] != rank or _FAULT[1] != step:
         return
     once = os.environ.get("PODSCALE_FAULT_ONCE")
@@ -41,7 +45,9 @@ def maybe_fault(rank: int, step: int) -> None:
             os.close(fd)
         except FileExistsError:
             return
-    print(f"podscale: PODSCALE_FAULT injected: rank {rank} {_FAULT[2]} at step {step}", file=sys.stderr, flush=True)
+    # the unix time lets a test bound how long the launcher took to notice, from the fault itself
+    print(f"podscale: PODSCALE_FAULT injected: rank {rank} {_FAULT[2]} at step {step} (unix time {time.time():.3f})",
+          file=sys.stderr, flush=True)
     if _FAULT[2] == "hang":
         while True:
             time.sleep(3600)

@@ -10,6 +10,15 @@ from rich.table import Table
 from scaling.meter import format_flops
 
 
+def mfu_text(mfu: float | None, digits: int = 1) -> str:
+    """MFU for a table: above 100% it is flagged, never printed as if fine (the peak or the FLOP
+    count behind it is wrong)."""
+    if mfu is None:
+        return "n/a"
+    text = f"{mfu * 100:.{digits}f}%"
+    return f"[bold red]{text} (above peak!)[/bold red]" if mfu > 1.0 else text
+
+
 def _pct(x: float | None, signed: bool = False) -> str:
     if x is None:
         return "n/a"
@@ -32,7 +41,7 @@ def run_table(results: Iterable[dict[str, Any]], title: str = "podscale run") ->
             r["backend"], r["model"], str(r["devices"]), str(r["global_batch"]),
             _ms(r["step_time_s"]), _ms(r.get("predicted_step_time_s")), _pct(r.get("prediction_error"), signed=True),
             f"{r['samples_per_s']:,.0f}", format_flops(r["achieved_flops"]),
-            f"{format_flops(r['peak_flops'])} {r['peak_dtype']} ({r['hardware']})", _pct(r["mfu"]),
+            f"{format_flops(r['peak_flops'])} {r['peak_dtype']} ({r['hardware']})", mfu_text(r["mfu"]),
             f"{r['losses'][-1]:.6g}", "yes" if r["replicas_identical"] else "[red]NO[/red]",
         )
     return t
@@ -53,7 +62,14 @@ def summary_table(r: dict[str, Any]) -> Table:
     t.add_row("achieved (model FLOPs)", format_flops(r["achieved_flops"]), format_flops(flops / pred) if pred else "n/a")
     t.add_row("per device", format_flops(r["achieved_flops_per_device"]), "")
     t.add_row(f"peak ({r['peak_dtype']})", format_flops(peak), "")
-    t.add_row("MFU", _pct(r["mfu"]), _pct(flops / pred / peak) if pred and peak else "n/a")
+    t.add_row("MFU", mfu_text(r["mfu"]), mfu_text(flops / pred / peak) if pred and peak else "n/a")
+    b = r.get("breakdown") or {}
+    m, p = b.get("measured") or {}, b.get("predicted") or {}
+    if m or p:  # where the step's time went: K probes after training, beside the prediction's parts
+        for label, mk, pk in (("  data", "data_s", None), ("  compute", "compute_s", "compute_s"),
+                              ("  comm (exposed)", "comm_exposed_s", "comm_exposed_s"),
+                              ("  unattributed / overhead", "unattributed_s", "overhead_s")):
+            t.add_row(label, _ms(m.get(mk)) if m else "n/a", _ms(p.get(pk)) if pk and p else "")
     t.add_row("global batch / per device", f"{r['global_batch']} / {r['per_device_batch']}", "")
     t.add_row("final loss", f"{r['losses'][-1]:.6g}", "")
     t.add_row("replicas identical", "yes" if r["replicas_identical"] else "[red]NO[/red]", "")
@@ -61,4 +77,8 @@ def summary_table(r: dict[str, Any]) -> Table:
 
 
 def print_run(result: dict[str, Any], console: Console | None = None) -> None:
-    (console or Console()).print(summary_table(result))
+    c = console or Console()
+    c.print(summary_table(result))
+    for key in ("mfu_flag", "peak_note"):
+        if result.get(key):
+            c.print(f"{'[bold red]MFU: ' if key == 'mfu_flag' else 'peak: '}{result[key]}{'[/bold red]' if key == 'mfu_flag' else ''}")

@@ -41,6 +41,24 @@ def write_scalars(logdir: str | Path, series: Mapping[str, Sequence[float | None
     return path
 
 
+def write_points(logdir: str | Path, points: Mapping[str, Sequence[tuple[int, float]]]) -> Path:
+    """One event file with each tag's (step, value) points, at the steps they were logged."""
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    Path(logdir).mkdir(parents=True, exist_ok=True)
+    w = EventFileWriter(str(logdir))
+    now = time.time()
+    for tag, pts in points.items():
+        for step, value in pts:
+            w.add_event(Event(wall_time=now, step=int(step), summary=Summary(value=[Summary.Value(tag=tag, simple_value=float(value))])))
+    w.flush()
+    path = Path(w.get_logdir())
+    w.close()
+    return path
+
+
 def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
     """Read every scalar back (tests and ``scale`` summaries use this)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -9,64 +9,76 @@ teardown aborts a fraction of clean exits (PLATFORM_NOTES).
 
 from __future__ import annotations
 
-import json
 import os
+import signal
 import sys
+import threading
+import time
 import traceback
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from scaling.config import RunConfig
-from scaling.progress import Progress
+from scaling.context import WorkerContext, write_result
 
 
-@dataclass
-class WorkerContext:
-    rank: int
-    world: int
-    local_rank: int
-    run_dir: Path | None
-    progress: Progress | None
+def die_with_launcher() -> None:
+    """A rank must not outlive the launcher that started it, however the launcher died (``kill -9``,
+    the OOM killer, a CI timeout): the kernel kills this process when its parent dies (Linux
+    ``PR_SET_PDEATHSIG``), and a watcher thread covers the rest (a parent in between, as under
+    torchrun, and systems without prctl) by checking the launcher's pid twice a second."""
+    pid = int(os.environ.get("PODSCALE_LAUNCHER_PID", "0"))
+    if not pid:
+        return  # started by someone else (Ray, a scheduler): they own the lifetime
+    parent = os.getppid()
+    if parent == pid and sys.platform.startswith("linux"):
+        import ctypes
 
-    def beat(self, step: int) -> None:
-        if self.progress is not None:
-            self.progress.beat(self.rank, step)
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if not _alive(pid):
+        os._exit(3)
 
-    @classmethod
-    def from_env(cls) -> WorkerContext:
-        rank = int(os.environ.get("RANK", "0"))
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        run_dir = os.environ.get("PODSCALE_RUN_DIR")
-        prog = os.environ.get("PODSCALE_PROGRESS")
-        return cls(
-            rank=rank,
-            world=world,
-            local_rank=int(os.environ.get("LOCAL_RANK", str(rank))),
-            run_dir=Path(run_dir) if run_dir else None,
-            progress=Progress(prog, world) if prog else None,
-        )
+    def watch() -> None:
+        while os.getppid() == parent and _alive(pid):
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="podscale-launcher-watch", daemon=True).start()
 
 
-def write_result(run_dir: Path, raw: dict[str, Any]) -> None:
-    tmp = run_dir / "result.json.tmp"
-    tmp.write_text(json.dumps(raw))
-    os.replace(tmp, run_dir / "result.json")
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def main() -> None:
+    die_with_launcher()
     code = 0
+    cfg: RunConfig | None = None
+    ctx: WorkerContext | None = None
     try:
         from scaling.backends import get_backend
 
         cfg = RunConfig.from_json(os.environ["PODSCALE_CONFIG"])
         ctx = WorkerContext.from_env()
-        raw = get_backend(cfg.backend).worker(cfg, ctx)
+        if cfg.script:
+            from scaling import script
+
+            raw = script.run(cfg, ctx)
+        else:
+            raw = get_backend(cfg.backend).worker(cfg, ctx)
         if raw is not None and ctx.run_dir is not None:
             write_result(ctx.run_dir, raw)
     except BaseException as e:  # noqa: BLE001 - the supervisor reports the rank; here we say why
-        code = 1
-        print(f"podscale worker rank {os.environ.get('RANK', '0')}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        from scaling.script import write_error
+
+        rank = int(os.environ.get("RANK", "0"))
+        code = write_error(ctx.run_dir if ctx else None, rank, e, user_code=bool(cfg and cfg.script))
+        if code == 1 and not (cfg and cfg.script):
+            print(f"podscale worker rank {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         if os.environ.get("PODSCALE_DEBUG"):
             traceback.print_exc()
     sys.stdout.flush()

@@ -36,11 +36,11 @@ def test_every_shipped_yaml_validates(path: Path):
 
 
 def test_cli_prints_peak_pflops_from_the_catalog():
-    from scaling import hardware
+    from scaling.throughput import catalog
 
     p = podscale("cluster", "validate", str(ROOT / "cluster" / "aws-p4d-8gpu.yaml"))
     # head + up to 2 workers, 8 A100 each: 24 x the catalog's dense bf16 peak
-    want = 24 * hardware.get("a100-sxm4").peak("bf16") / 1e15
+    want = 24 * catalog.get("a100-sxm4").peak("bf16") / 1e15
     assert f"{want:.3g} PFLOPS" in p.stdout, p.stdout
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from launchers import colab
-from scaling import hardware
+from scaling.throughput import catalog
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "colab_tpu.ipynb"
@@ -129,11 +129,11 @@ def test_gpu_runtimes(tmp_path, names, hw):
 
 def test_gpu_ids_exist_in_the_catalog():
     for _, hw_id in colab.GPU_NAMES:
-        assert hardware.get(hw_id).kind == "gpu"
+        assert catalog.get(hw_id).kind == "gpu"
     for one, board, pod in colab.TPU_CATALOG.values():
         for hw_id in (one, board, pod):
             if hw_id:
-                assert hardware.get(hw_id).family == "tpu"
+                assert catalog.get(hw_id).family == "tpu"
 
 
 def test_failing_nvidia_smi_falls_back_to_device_nodes(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 
 from launchers import cli
 from models.spec import get_spec
-from scaling import flops
+from scaling.throughput import flops
 
 
 def test_closed_forms():

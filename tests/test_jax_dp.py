@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from launchers.local import run_local
+from scaling.world import run_local
 from models.spec import get_spec
 from scaling.config import RunConfig
 from scaling.run import RESULT_KEYS

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from scaling.backends import jax_dp, jax_hlo
+from scaling.backends import jax_dp, jax_env, jax_hlo
 from scaling.config import RunConfig
 from scaling.errors import UsageError
 
@@ -69,4 +69,4 @@ def test_validate_rejects_models_without_flax_module_and_tpu_multiprocess(monkey
     ("tpu", "TPU v5", "tpu-v5p"), ("tpu", "TPU v6 lite", "tpu-v6e"), ("gpu", "Tesla T4", "unknown-gpu"),
 ])
 def test_hardware_id(platform: str, kind: str, want: str) -> None:
-    assert jax_dp.hardware_id(SimpleNamespace(platform=platform, device_kind=kind)) == want
+    assert jax_env.hardware_id(SimpleNamespace(platform=platform, device_kind=kind)) == want

@@ -27,7 +27,7 @@ STEPS, BATCH, LR = 3, 32, 0.05
 def _train(run_cli, tmp_path: Path, tag: str, *flags: str) -> dict[str, np.ndarray]:
     out = tmp_path / f"{tag}.npz"
     args = ["run", "--model", "resnet18", "--steps", str(STEPS), "--untimed-steps", "0", "--global-batch", str(BATCH),
-            "--lr", str(LR), "--params-out", str(out), "--quiet", *flags]
+            "--lr", str(LR), "--optimizer", "sgd", "--params-out", str(out), "--quiet", *flags]  # the reference is plain SGD
     for k, v in OPTS.items():
         args += ["--model-opt", f"{k}={v}"]
     run_cli(*args)

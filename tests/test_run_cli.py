@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import numpy as np
@@ -38,16 +39,24 @@ def test_json_and_tensorboard_outputs(tmp_path):
     # two emulated devices share the host's one measured peak
     assert r["mfu"] == pytest.approx(r["achieved_flops"] / r["peak_flops"])
     assert r["replicas_identical"] is True and r["versions"]["torch"]
-    scalars = read_scalars(tmp_path / "tb")
+    (run,) = (tmp_path / "tb").iterdir()  # each run in its own subfolder, TensorBoard's "run"
+    assert re.fullmatch(r"torch-ddp-mlp-2dev-\d{8}-\d{6}", run.name), run.name
+    scalars = read_scalars(run)
     assert {"loss", "step_time_s", "samples_per_s", "achieved_tflops", "mfu"} <= set(scalars)
     assert [v for _, v in scalars["loss"]] == pytest.approx(r["losses"], rel=1e-6)
     assert [s for s, _ in scalars["step_time_s"]] == list(range(2, 7))  # untimed step 1 has no timing
+    # a second run into the same --logdir, named: its own TensorBoard run beside the first
+    p = podscale("run", "--steps", "2", "--untimed-steps", "0", "--logdir", str(tmp_path / "tb"), "--run-name", "again",
+                 "--json", str(tmp_path / "r2.json"), *SMALL)
+    assert sorted(d.name for d in (tmp_path / "tb").iterdir()) == sorted([run.name, "again"])
+    assert len(read_scalars(tmp_path / "tb" / "again")["loss"]) == 2
+    assert f"wrote {tmp_path / 'r2.json'}" in p.stdout and f"wrote {tmp_path / 'tb' / 'again'}" in p.stdout
 
 
 BAD_INPUTS = [
     (("--devices", "0"), "--devices 0"),
     (("--devices", "3", "--global-batch", "16"), "--global-batch 16 does not divide evenly over --devices 3"),
-    (("--backend", "torch-dpp"), "unknown backend 'torch-dpp'; valid: torch-ddp"),
+    (("--backend", "torch-dpp"), "unknown backend 'torch-dpp' (did you mean 'torch-ddp'?); valid: torch-ddp"),
     (("--model", "resnet9000"), "unknown model 'resnet9000'"),
     (("--devices", "two"), "invalid int value: 'two'"),
     (("--steps", "3", "--untimed-steps", "3"), "--untimed-steps 3"),
@@ -81,26 +90,29 @@ def test_malformed_and_misshaped_npz(tmp_path):
         assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, (args, p.stderr)
 
 
+def _since_fault(stderr: str) -> float:
+    """Seconds from the injected fault (its own timestamp) to now, when the launcher has exited."""
+    m = re.search(r"PODSCALE_FAULT injected: .*\(unix time ([0-9.]+)\)", stderr)
+    assert m, stderr
+    return time.time() - float(m.group(1))
+
+
 @pytest.mark.slow
 def test_killed_rank_ends_run_with_exit_3_naming_it():
-    t = time.monotonic()
     p = podscale("run", "--devices", "4", "--steps", "200", "--step-timeout", "20", *SMALL,
                  env={"PODSCALE_FAULT": "1:3"}, check=False, timeout=120)
-    elapsed = time.monotonic() - t
     assert p.returncode == 3, p.stderr
     assert "rank 1 was killed by SIGKILL at step 3 of 200" in p.stderr
-    assert elapsed < 20 + 30  # start-up of 4 ranks on 2 cores + the timeout bound
+    assert _since_fault(p.stderr) < 20 + 10  # --step-timeout + 10 s, from the kill itself
 
 
 @pytest.mark.slow
 def test_stuck_rank_is_killed_by_the_watchdog():
-    t = time.monotonic()
     p = podscale("run", "--devices", "2", "--steps", "200", "--step-timeout", "3", *SMALL,
                  env={"PODSCALE_FAULT": "0:4:hang"}, check=False, timeout=120)
-    elapsed = time.monotonic() - t
     assert p.returncode == 3, p.stderr
     assert "no progress for 3s" in p.stderr and "stuck at step 4" in p.stderr
-    assert elapsed < 3 + 25
+    assert _since_fault(p.stderr) < 3 + 10
 
 
 @pytest.mark.slow

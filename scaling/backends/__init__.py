@@ -10,7 +10,7 @@ import importlib
 import importlib.util
 from typing import TYPE_CHECKING, Any, Protocol
 
-from scaling.errors import UsageError
+from scaling.errors import UsageError, did_you_mean
 
 if TYPE_CHECKING:
     from scaling.config import RunConfig
@@ -38,7 +38,7 @@ class Backend(Protocol):
 
 def check_name(name: str) -> None:
     if name not in BACKENDS:
-        raise UsageError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
+        raise UsageError(f"unknown backend {name!r}{did_you_mean(name, BACKENDS)}; valid: {', '.join(BACKENDS)}")
 
 
 def is_installed(name: str) -> bool:

@@ -47,6 +47,18 @@ def allreduce_bytes(hlo_text: str) -> int:
     return sum(allreduce_ops(hlo_text))
 
 
+_ANY = re.compile(r"=\s*(?P<shape>.*?)\s+(?P<op>all-reduce|all-gather|reduce-scatter)(?:-start)?\(")
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+    """Bytes of each kind of collective in the module, by its result shape (per device: an
+    all-gather's result is the gathered tensor, a reduce-scatter's the local shard)."""
+    out = {"all-reduce": 0, "all-gather": 0, "reduce-scatter": 0}
+    for m in _ANY.finditer(hlo_text):
+        out[m.group("op")] += shape_bytes(m.group("shape"))
+    return out
+
+
 def cost_flops(cost: Any) -> float | None:
     """``compiled.cost_analysis()`` is a dict on current JAX, a one-element list on older ones."""
     if isinstance(cost, (list, tuple)):

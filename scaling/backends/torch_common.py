@@ -6,8 +6,7 @@ torch path; the reference loops in the tests are written independently on purpos
 
 from __future__ import annotations
 
-import hashlib
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -39,21 +38,26 @@ def backward_scale(reduction: str, world: int) -> float:
     return float(world) if reduction == "sum" else 1.0
 
 
-def global_losses(local: torch.Tensor, reduction: str, world: int) -> torch.Tensor:
-    """From the all-reduced (summed) per-step local losses to the global loss of each step."""
-    return local / world if reduction == "mean" else local
+def zoo_loss(spec: ModelSpec, cfg: RunConfig, world: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The zoo's ``loss_fn(outputs, targets)`` for ``fit`` on a rank of ``world``: the config's loss on
+    the local batch, scaled so that the ranks' gradient average is the global loss's gradient."""
+    scale = backward_scale(cfg.loss_reduction, world)
+
+    def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = local_loss(spec, out, y, cfg.loss_reduction)
+        return loss * scale if scale != 1.0 else loss
+
+    return loss_fn
 
 
-def params_digest(params: dict[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(params):
-        h.update(k.encode())
-        h.update(np.ascontiguousarray(params[k]).tobytes())
-    return h.hexdigest()
+def zoo_batches(data: Any, global_batch: int) -> Callable[[int], tuple[np.ndarray, np.ndarray]]:
+    """step -> the zoo's global batch, by ``scaling.data``'s rule: samples (step * B + i) mod n."""
 
+    def batch(step: int) -> tuple[np.ndarray, np.ndarray]:
+        idx = data.indices(step, global_batch)
+        return data.x[idx], data.y[idx]
 
-def params_l2(params: dict[str, np.ndarray]) -> float:
-    return float(np.sqrt(sum(float(np.sum(p.astype(np.float64) ** 2)) for p in params.values())))
+    return batch
 
 
 def spec_of(cfg: RunConfig) -> ModelSpec:

@@ -10,9 +10,12 @@ Three ways to start the world (``--launcher``):
   host copies. The ``xla`` process group under torchrun silently has world size 1 on CPU, and
   host copies are what gloo can move, so this is the CPU multi-process path.
 - ``xmp``: torch_xla's own spawn (``torch_xla.launch``), one process per local device, gradients
-  through ``xm.optimizer_step``. With more than one CPU device it crashes in the all-reduce
+  through ``xm.reduce_gradients``. With more than one CPU device it crashes in the all-reduce
   rendezvous upstream (pytorch/xla#9089), so that case is refused before anything starts.
 
+Every launcher trains in the training API's loop (``scaling.train_torch.fit``), as torch-ddp does; this
+module adds what is torch-xla's own: the torchrun and xmp gradient averaging and xmp's collectives
+(fit's hooks), and the compiled step's all-reduce bytes and matmul FLOPs read from XLA's HLO dump.
 The loss means what it means for torch-ddp: ``mean`` = F.mse_loss over the global batch. torch_xla
 is imported inside functions only: the launcher's ``validate``/``layout`` stay fast and never
 open a TPU that the worker process then could not get.
@@ -24,16 +27,13 @@ import datetime
 import importlib.util
 import logging
 import os
+import pickle
 import tempfile
 from typing import Any, Callable
-
-import numpy as np
 
 from scaling.backends import xla_hlo
 from scaling.config import RunConfig
 from scaling.errors import UsageError
-from scaling.fault import maybe_fault
-from scaling.meter import StepTimer
 
 NAME = "torch-xla"
 XMP_BUG = "https://github.com/pytorch/xla/issues/9089"
@@ -66,8 +66,8 @@ def hardware_id(pjrt: str) -> str:
 
 def validate(cfg: RunConfig) -> None:
     plat = platform()
-    if cfg.checkpoint_dir or cfg.resume:
-        raise UsageError("--checkpoint-dir/--resume: torch-xla does not checkpoint yet; use --backend torch-ddp for checkpointed runs")
+    if (cfg.checkpoint_dir or cfg.resume) and cfg.launcher != "spmd":
+        raise UsageError(f"--checkpoint-dir/--resume: torch-xla checkpoints under --launcher spmd (the default), not {cfg.launcher}")
     if cfg.launcher == "xmp":
         if plat == "CPU" and cfg.devices > 1:
             raise UsageError(
@@ -117,7 +117,7 @@ def _start(cfg: RunConfig, ctx: Any) -> dict[str, Any] | None:
     if cfg.launcher == "torchrun":
         import torch.distributed as dist
 
-        dist.init_process_group("gloo", rank=ctx.rank, world_size=ctx.world, timeout=datetime.timedelta(seconds=cfg.step_timeout))
+        dist.init_process_group("gloo", rank=ctx.rank, world_size=ctx.world, timeout=datetime.timedelta(seconds=cfg.collective_timeout))
         try:
             return train(cfg, ctx)
         finally:
@@ -131,7 +131,7 @@ def _start(cfg: RunConfig, ctx: Any) -> dict[str, Any] | None:
 
 
 def _xmp_main(index: int, cfg_json: str) -> None:
-    from scaling.worker import WorkerContext, write_result
+    from scaling.context import WorkerContext, write_result
 
     ctx = WorkerContext.from_env()
     raw = train(RunConfig.from_json(cfg_json), ctx)
@@ -140,90 +140,48 @@ def _xmp_main(index: int, cfg_json: str) -> None:
 
 
 def train(cfg: RunConfig, ctx: Any) -> dict[str, Any] | None:
-    """Train on this process's XLA device(s); the process that owns the result returns the raw record."""
+    """Train the zoo's model on this process's XLA device(s) through the training API's loop
+    (``scaling.train_torch``: the one torch loop); the process that owns the result returns the raw
+    record. What is torch-xla's own rides on fit's hooks: the torchrun and xmp gradient averaging,
+    xmp's collectives; SPMD's mesh is fit's; the compiled step's bytes and FLOPs come from XLA's dump."""
     import torch
     import torch_xla
-    import torch_xla.core.xla_model as xm
     import torch_xla.runtime as xr
 
     from models import torch as mtorch
+    from scaling import train_torch as api
     from scaling.backends import torch_common as tc
     from scaling.data import load_dataset, load_init
 
     dump_dir = xla_hlo.dump_dir(os.environ.get("XLA_FLAGS", ""))
     spmd = cfg.launcher == "spmd"
-    if spmd:
-        import torch_xla.distributed.spmd as xs
-
-        xr.use_spmd()
-        world_devices = xr.global_runtime_device_count()
-        mesh = xs.Mesh(np.arange(world_devices), (world_devices,), ("data",))
-        rank, world = xr.process_index(), 1  # the data is sliced by the mesh, not by processes
-    elif cfg.launcher == "torchrun":
-        import torch.distributed as dist
-
-        rank, world = dist.get_rank(), dist.get_world_size()
-        world_devices = world
-    else:
-        rank, world = xr.global_ordinal(), xr.world_size()
-        world_devices = world
-    if world_devices != cfg.devices:
-        raise UsageError(f"--devices {cfg.devices}: this {xr.device_type()} runtime has {world_devices} device(s); use --devices {world_devices}")
-
-    device = torch_xla.device()
-    if xr.device_type() == "CPU":
-        torch.set_num_threads(1)
-    torch.manual_seed(cfg.seed)
+    s = api.init(cfg, ctx, fresh=True)  # SPMD: one rank over every device (the mesh slices the batch)
     spec = tc.spec_of(cfg)
     data = load_dataset(spec, cfg.data, cfg.global_batch, cfg.seed)
-    model = mtorch.build(spec, load_init(spec, cfg.init, cfg.seed)).to(device)
+    model = mtorch.build(spec, load_init(spec, cfg.init, cfg.seed)).to(s.device)
     opt = tc.make_optimizer(cfg, model.parameters())
-    scale = 1.0 if spmd else tc.backward_scale(cfg.loss_reduction, world)
-    b = cfg.global_batch // world
-    shard = 0 if spmd else rank  # under SPMD every host holds the global batch; the mesh slices it
-    autocast = torch.autocast("xla", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
-    reduce_grads = _gloo_reducer(model, world, device) if cfg.launcher == "torchrun" else (lambda: xm.reduce_gradients(opt)) if cfg.launcher == "xmp" else (lambda: None)
+    hooks = api.Hooks(params=lambda m: mtorch.to_canonical(spec, m))
+    if cfg.launcher == "torchrun":
+        hooks.reduce_grads = _gloo_reducer(model, s.world, s.device)
+    elif cfg.launcher == "xmp":
+        import torch_xla.core.xla_model as xm
 
-    timer = StepTimer()
-    local: list[float] = []
-    for step in range(cfg.steps):
-        maybe_fault(rank, step)
-        idx = data.indices(step, cfg.global_batch)[shard * b : (shard + 1) * b]
-        timer.start()
-        xb = torch.from_numpy(data.x[idx]).to(device)
-        yb = torch.from_numpy(data.y[idx]).to(device)
-        if spmd:
-            xs.mark_sharding(xb, mesh, ("data",) + (None,) * (xb.dim() - 1))
-            xs.mark_sharding(yb, mesh, ("data",) + (None,) * (yb.dim() - 1))
-        with autocast:
-            out = model(xb)
-        loss = tc.local_loss(spec, out, yb, cfg.loss_reduction)
-        (loss * scale).backward() if scale != 1.0 else loss.backward()
-        reduce_grads()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch_xla.sync()  # runs the step's graph (params and loss) on the device
-        local.append(loss.item())  # waits for it: the step is really done
-        timer.stop()
-        ctx.beat(step + 1)
-
-    losses, digests = _gather(cfg, spmd, world, local, model, spec)
-    cost = xla_hlo.train_step_cost(dump_dir) if dump_dir else None
-    final = mtorch.to_canonical(spec, model)
-    if not spmd and rank != 0:
+        hooks.reduce_grads = lambda: xm.reduce_gradients(opt)
+        hooks.all_reduce, hooks.all_gather = _xm_sum, _xm_gather
+    api.fit(model, opt, tc.zoo_loss(spec, cfg, s.world), tc.zoo_batches(data, cfg.global_batch), steps=cfg.steps,
+            global_batch=cfg.global_batch, hooks=hooks)
+    if s.rank != 0:
         return None  # under SPMD every host reports (each host's launcher waits for its own result)
-    if getattr(ctx, "run_dir", None) is not None:
-        np.savez(ctx.run_dir / "final_params.npz", **final)
+    r = s.result or {}
+    cost = xla_hlo.train_step_cost(dump_dir) if dump_dir else None
     # bytes moved per step: what the compiled program all-reduces, or the gloo buffer on host copies
-    comm = spec.grad_bytes() if cfg.launcher == "torchrun" else cost.comm_bytes if cost else None
+    comm = getattr(hooks.reduce_grads, "bytes", None) if cfg.launcher == "torchrun" else cost.comm_bytes if cost else None
     return {
-        "losses": losses,
-        "step_times": timer.times,
-        "final_params_l2": tc.params_l2(final),
-        "replicas_identical": len(set(digests)) == 1,
+        **{k: r[k] for k in ("losses", "step_times", "final_params_l2", "replicas_identical")},
+        **{k: r[k] for k in ("memory", "sharding", "resumed_from_step") if k in r},
         "device_kind": xr.device_type().lower(),
         "hardware": hardware_id(xr.device_type()),
-        "processes": xr.process_count() if spmd else world,
+        "processes": xr.process_count() if spmd else s.world,
         "versions": {"torch": torch.__version__, "torch_xla": torch_xla.__version__},
         # the compiled module is one device's program: times the devices = the whole step
         "xla_flops_per_step": cost.dot_flops * cfg.devices if cost else None,
@@ -248,6 +206,7 @@ def _gloo_reducer(model: Any, world: int, device: Any) -> Callable[[], None]:
         flat = torch.cat([p.grad.detach().reshape(-1) for p in params]).cpu()
         flat.div_(world)
         dist.all_reduce(flat)
+        reduce.bytes = flat.numel() * flat.element_size()  # type: ignore[attr-defined]  # measured: what gloo moved
         off = 0
         for p in params:
             n = p.numel()
@@ -257,45 +216,25 @@ def _gloo_reducer(model: Any, world: int, device: Any) -> Callable[[], None]:
     return reduce
 
 
-def _gather(cfg: RunConfig, spmd: bool, world: int, local: list[float], model: Any, spec: Any) -> tuple[list[float], list[str]]:
-    """Global per-step losses and one parameter digest per replica."""
+def _xm_sum(t: Any) -> Any:
+    """The processes' sum of a host tensor, through torch_xla's on-device all-reduce."""
+    import torch_xla
+    import torch_xla.core.xla_model as xm
+
+    return xm.all_reduce(xm.REDUCE_SUM, t.to(torch_xla.device())).cpu()
+
+
+def _xm_gather(obj: Any) -> list[Any]:
+    """Every process's object in ordinal order, pickled through torch_xla's on-device all-gather
+    (xm.mesh_reduce unpickles through torch.load, which weights_only refuses)."""
     import torch
+    import torch_xla
+    import torch_xla.core.xla_model as xm
 
-    from models import torch as mtorch
-    from scaling.backends import torch_common as tc
-
-    if spmd:
-        return local, _replica_digests(model)
-    digest = tc.params_digest(mtorch.to_canonical(spec, model))
-    t = torch.tensor(local, dtype=torch.float64)
-    if cfg.launcher == "torchrun":
-        import torch.distributed as dist
-
-        dist.all_reduce(t)
-        digests: list[str] = [""] * world
-        dist.all_gather_object(digests, digest)
-    else:
-        import torch_xla
-        import torch_xla.core.xla_model as xm
-
-        # on-device collectives (xm.mesh_reduce pickles through torch.load, refused by weights_only)
-        dev = torch_xla.device()
-        t = xm.all_reduce(xm.REDUCE_SUM, t.to(dev)).cpu()
-        rows = xm.all_gather(torch.tensor(list(bytes.fromhex(digest)), dtype=torch.int32).reshape(1, -1).to(dev)).cpu()
-        digests = [bytes(r.tolist()).hex() for r in rows]
-    return tc.global_losses(t, cfg.loss_reduction, world).tolist(), digests
-
-
-def _replica_digests(model: Any) -> list[str]:
-    """Each addressable device's copy of the replicated parameters, hashed: proof that the SPMD
-    program kept every replica identical, not an assumption."""
-    from torch_xla.distributed.spmd import XLAShardedTensor
-
-    from scaling.backends import torch_common as tc
-
-    per_device: dict[str, dict[str, np.ndarray]] = {}
-    for name, p in model.named_parameters():
-        for shard in XLAShardedTensor(p.data).local_shards:
-            per_device.setdefault(str(shard.shard_device), {})[name] = shard.data.cpu().numpy()
-    return [tc.params_digest(v) for v in per_device.values()]
-
+    dev = torch_xla.device()
+    data = pickle.dumps(obj)
+    sizes = xm.all_gather(torch.tensor([len(data)], dtype=torch.int32).to(dev)).cpu().tolist()
+    row = torch.zeros(1, max(sizes), dtype=torch.int32)
+    row[0, : len(data)] = torch.tensor(list(data), dtype=torch.int32)
+    rows = xm.all_gather(row.to(dev)).cpu()
+    return [pickle.loads(bytes(rows[i, :n].tolist())) for i, n in enumerate(sizes)]

@@ -22,8 +22,9 @@ from tests.conftest import podscale
 D_IN, H, D_OUT = 20, 16, 3
 GLOBAL_BATCH, STEPS, N_SAMPLES, LR = 32, 5, 80, 0.05
 MODEL_OPTS = ["--model-opt", f"d_in={D_IN}", "--model-opt", f"hidden={H}", "--model-opt", f"d_out={D_OUT}"]
-#: devices -> (optimizer, loss reduction): every N, and both of each, are covered
-CASES = {1: ("sgd", "mean"), 2: ("adam", "sum"), 4: ("sgd", "mean"), 8: ("sgd", "sum")}
+#: devices -> (optimizer, loss reduction, lr): every N, and both of each, are covered. SGD on the
+#: summed loss takes a smaller step: at LR it diverges (inf by step 5), which fit stops with exit 4
+CASES = {1: ("sgd", "mean", LR), 2: ("adam", "sum", LR), 4: ("sgd", "mean", LR), 8: ("sgd", "sum", 0.005)}
 SPEC = get_spec("mlp", d_in=D_IN, hidden=H, d_out=D_OUT)
 
 
@@ -51,11 +52,11 @@ class Runs:
         if key not in self.done:
             out = self.root / f"{backend}-{devices}-{launcher}"
             out.mkdir()
-            opt, red = CASES[devices]
+            opt, red, lr = CASES[devices]
             extra = ["--launcher", launcher] if backend == "torch-xla" else []
             env = {"XLA_FLAGS": f"--xla_dump_to={out / 'dump'}"} if dump else None
             podscale("run", "--backend", backend, "--devices", str(devices), "--global-batch", str(GLOBAL_BATCH),
-                     "--steps", str(STEPS), "--untimed-steps", "1", "--lr", str(LR), "--optimizer", opt,
+                     "--steps", str(STEPS), "--untimed-steps", "1", "--lr", str(lr), "--optimizer", opt,
                      "--loss-reduction", red, *MODEL_OPTS, "--data", str(self.inputs / "data.npz"),
                      "--init", str(self.inputs / "init.npz"), "--json", str(out / "r.json"),
                      "--params-out", str(out / "p.npz"), "--quiet", *extra, env=env, timeout=150)
@@ -70,13 +71,13 @@ def runs(inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs:
     return Runs(inputs, tmp_path_factory.mktemp("xla-runs"))
 
 
-def reference(inputs: Path, optimizer: str, reduction: str) -> tuple[list[float], dict[str, np.ndarray]]:
+def reference(inputs: Path, optimizer: str, reduction: str, lr: float) -> tuple[list[float], dict[str, np.ndarray]]:
     """One process, one device, the whole global batch: relu MLP, squared error."""
     with np.load(inputs / "data.npz") as z:
         x, y = torch.from_numpy(z["x"]), torch.from_numpy(z["y"])
     with np.load(inputs / "init.npz") as z:
         p = {k: torch.tensor(z[k], requires_grad=True) for k in z.files}
-    opt = torch.optim.Adam(p.values(), lr=LR) if optimizer == "adam" else torch.optim.SGD(p.values(), lr=LR)
+    opt = torch.optim.Adam(p.values(), lr=lr) if optimizer == "adam" else torch.optim.SGD(p.values(), lr=lr)
     losses = []
     for s in range(STEPS):
         idx = (torch.arange(GLOBAL_BATCH) + s * GLOBAL_BATCH) % N_SAMPLES
@@ -165,3 +166,13 @@ def test_xmp_on_several_cpu_devices_is_refused_with_the_reason() -> None:
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in p.stderr
     assert "pytorch/xla#9089" in lines[0] and "--launcher spmd" in lines[0] and "--launcher torchrun" in lines[0]
+
+
+@pytest.mark.xla
+def test_divergence_exits_4_naming_the_step(inputs: Path) -> None:
+    """The zoo's torch-xla run trains in fit's loop: a non-finite loss stops it as on every backend."""
+    p = podscale("run", "--backend", "torch-xla", "--devices", "2", "--global-batch", str(GLOBAL_BATCH), "--steps", str(STEPS),
+                 "--lr", str(LR), "--optimizer", "sgd", "--loss-reduction", "sum", *MODEL_OPTS, "--data", str(inputs / "data.npz"),
+                 "--init", str(inputs / "init.npz"), "--quiet", check=False, timeout=150)
+    assert p.returncode == 4, p.stderr
+    assert "non-finite loss" in p.stderr and f"at step {STEPS - 1}" in p.stderr, p.stderr

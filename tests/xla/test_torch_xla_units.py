@@ -54,7 +54,8 @@ def test_user_dump_dir_is_kept_and_ours_added_otherwise(tmp_path: Path) -> None:
     ({"launcher": "xmp", "devices": 4}, ["pytorch/xla#9089", "--launcher spmd"]),
     ({"launcher": "spmd", "devices": 4, "processes": 4}, ["--processes 4", "every host"]),
     ({"launcher": "torchrun", "devices": 4, "processes": 2}, ["--processes 2", "one process per device"]),
-    ({"devices": 2, "checkpoint_dir": "/tmp/x", "checkpoint_every": 1}, ["torch-ddp"]),
+    ({"launcher": "torchrun", "devices": 2, "checkpoint_dir": "/tmp/x", "checkpoint_every": 1},
+     ["--checkpoint-dir", "--launcher spmd", "torchrun"]),
 ])
 def test_validate_names_the_bad_flag(monkeypatch: pytest.MonkeyPatch, kw: dict, words: list[str]) -> None:
     monkeypatch.setenv("PJRT_DEVICE", "CPU")

@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
-import os
-import platform
-import time
 import tomllib
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -21,21 +17,28 @@ from pathlib import Path
 from typing import Any
 
 from scaling.errors import UsageError
+from scaling.throughput.host import measured_host_peaks
 
 CATALOG_FILE = Path(__file__).with_name("hardware_catalog.toml")
 
 #: RunConfig dtype -> the catalog's peak key that dtype's matmuls run at
-PEAK_DTYPE = {"float32": "fp32", "bfloat16": "bf16"}
+PEAK_DTYPE = {"float32": "fp32", "tf32": "tf32", "float16": "fp16", "bfloat16": "bf16"}
+"""float16 = AMP (fp16 matmuls with fp32 master weights and loss scaling) on GPUs; tf32 = fp32 storage
+with TF32 tensor-core matmuls (Ampere and later)."""
 
 #: fields a catalog entry may have (anything else is a typo: the catalog test rejects it)
 FIELDS = {
     "name", "kind", "family", "year", "device", "devices", "chips", "peak_flops", "peak_note", "memory_bytes",
     "memory_bw", "source", "quoted", "derive", "of", "count", "price_usd", "price_year", "price_usd_per_hour",
     "price_source", "intra_bw", "intra_latency", "inter_bw", "inter_latency", "devices_per_node", "max_devices",
+    "link_source", "latency_source", "memory_source", "intra_link", "ici_link_bw", "ici_links", "torus_dims",
+    "max_slice_chips", "slice_source", "dcn_bw", "dcn_source", "arch",
 }
 #: per-device or per-link figures a composite (node, pod) inherits from the entry it is made `of`
 _INHERITED = ("family", "peak_flops", "peak_note", "memory_bytes", "memory_bw", "intra_bw", "intra_latency",
-              "inter_bw", "inter_latency", "year")
+              "inter_bw", "inter_latency", "year", "link_source", "latency_source", "memory_source", "intra_link",
+              "ici_link_bw", "ici_links", "torus_dims", "max_slice_chips", "slice_source", "dcn_bw", "dcn_source",
+              "arch")
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,36 @@ class Hardware:
     max_devices: int | None = None
     """The cap on --devices (a pod's size); None = any count (nodes of devices_per_node)."""
     part_of: str | None = None
+    link_source: str = ""
+    latency_source: str = ""
+    memory_source: str = ""
+    intra_link: str = "nvlink"
+    """What carries intra_bw: nvlink (NVLink/NVSwitch), pcie, or ici."""
+    ici_link_bw: float | None = None
+    """TPU: one ICI link's bandwidth in one direction (B/s); the torus all-reduce uses 2 per dimension."""
+    ici_links: int | None = None
+    torus_dims: int | None = None
+    """TPU: dimensions of the ICI torus (2: v2, v3, v5e, v6e; 3: v4, v5p, TPU7x)."""
+    max_slice_chips: int | None = None
+    """TPU: the largest single ICI slice in chips; beyond it only multislice (--slices) over DCN."""
+    slice_source: str = ""
+    dcn_bw: float | None = None
+    """TPU: data-center network bandwidth per chip, one direction (B/s), for multislice."""
+    dcn_source: str = ""
+    arch: str = ""
+    """GPU architecture (pascal, volta, ampere, ...): which execution units the chip has."""
+
+    @property
+    def devices_per_chip(self) -> int:
+        return max(1, self.devices // max(1, self.chips))
+
+    @property
+    def max_slice_devices(self) -> int | None:
+        return None if self.max_slice_chips is None else self.max_slice_chips * self.devices_per_chip
+
+    def dtypes(self) -> list[str]:
+        """The run dtypes this hardware has a unit for (float32 on a TPU runs as bf16 passes)."""
+        return [d for d in PEAK_DTYPE if self.peak_for(d)[1] is not None]
 
     def peak(self, dtype_key: str) -> float | None:
         return self.peak_flops.get(dtype_key)
@@ -94,7 +127,7 @@ class Hardware:
         TPUs publish no fp32 matmul peak (fp32 matmuls run as bf16 passes), so an fp32 run on a TPU is
         measured against the bf16 peak, and the key says so."""
         key = PEAK_DTYPE.get(dtype, dtype)
-        if key not in self.peak_flops and self.family == "tpu" and "bf16" in self.peak_flops:
+        if dtype == "float32" and key not in self.peak_flops and self.family == "tpu" and "bf16" in self.peak_flops:
             key = "bf16"
         return key, self.peak_flops.get(key)
 
@@ -115,11 +148,24 @@ class Hardware:
         p = self.total_peak("fp32")
         return p / 1e9 / self.price_usd if p and self.price_usd else None
 
-    def check_devices(self, n: int) -> None:
+    def check_devices(self, n: int, slices: int = 1) -> None:
+        """A count this entry can hold: a node is multiplied over its fabric (nodes x count); a TPU
+        slice ends at the largest ICI slice unless ``slices`` > 1 (multislice over DCN)."""
         if n < 1:
             raise UsageError(f"invalid --devices {n}: must be a positive integer")
-        if self.max_devices is not None and n > self.max_devices:
-            raise UsageError(f"--devices {n} exceeds {self.id}'s size of {self.max_devices} device(s) ({self.device})")
+        if not isinstance(slices, int) or slices < 1:
+            raise UsageError(f"invalid --slices {slices!r}: must be a positive integer")
+        if slices > 1 and self.dcn_bw is None:
+            raise UsageError(f"--slices {slices}: {self.id} has no data-center network figure in the catalog (no multislice); "
+                             f"valid: --slices 1")
+        if n % slices:
+            raise UsageError(f"--devices {n} does not split into --slices {slices}; use a multiple of {slices}")
+        cap = self.max_devices
+        if self.max_slice_devices is not None:
+            cap = self.max_slice_devices if cap is None else min(cap, self.max_slice_devices)
+        if cap is not None and n // slices > cap:
+            hint = f"; beyond it use --slices K (multislice over DCN), K >= {-(-n // cap)}" if self.dcn_bw else ""
+            raise UsageError(f"--devices {n} exceeds {self.id}'s largest slice of {cap} device(s) ({self.device}){hint}")
 
 
 @lru_cache(maxsize=1)
@@ -140,7 +186,9 @@ def closest(hw_id: str, n: int = 3) -> list[str]:
     return close[:n]
 
 
-def get(hw_id: str) -> Hardware:
+def get(hw_id: str, measure: bool = True) -> Hardware:
+    """The catalog entry ``hw_id``; ``measure=False``: host-cpu's peaks only from the cache (a check
+    of the id must not start a measurement)."""
     raw = _raw_catalog()
     if hw_id not in raw:
         close = closest(hw_id)
@@ -148,7 +196,7 @@ def get(hw_id: str) -> Hardware:
         raise UsageError(f"unknown hardware {hw_id!r}; {hint} (podscale hardware lists all)")
     hw = _build(hw_id, raw)
     if hw_id == "host-cpu":
-        hw = dataclasses.replace(hw, peak_flops=measured_host_peaks(), devices_per_node=None)
+        hw = dataclasses.replace(hw, peak_flops=measured_host_peaks(measure=measure), devices_per_node=None)
     return hw
 
 
@@ -196,8 +244,8 @@ def _build(hw_id: str, raw: dict[str, dict[str, Any]]) -> Hardware:
     elif dpn is None and part is not None:
         dpn = part.devices_per_node if part.kind not in ("gpu", "tpu-chip") else part.devices * count
     max_dev = d.get("max_devices")
-    if max_dev is None and part is not None:
-        max_dev = devices
+    if max_dev is None and part is not None and kind != "node":
+        max_dev = devices  # a pod or a board is its own size; a node is multiplied (nodes x count)
     known = FIELDS
     return Hardware(
         id=hw_id,
@@ -228,88 +276,20 @@ def _build(hw_id: str, raw: dict[str, dict[str, Any]]) -> Hardware:
         devices_per_node=dpn,
         max_devices=max_dev,
         part_of=d.get("of"),
+        link_source=d.get("link_source", ""),
+        latency_source=d.get("latency_source", ""),
+        memory_source=d.get("memory_source", ""),
+        intra_link=d.get("intra_link", "nvlink"),
+        ici_link_bw=d.get("ici_link_bw"),
+        ici_links=d.get("ici_links"),
+        torus_dims=d.get("torus_dims"),
+        max_slice_chips=d.get("max_slice_chips"),
+        slice_source=d.get("slice_source", ""),
+        dcn_bw=d.get("dcn_bw"),
+        dcn_source=d.get("dcn_source", ""),
+        arch=d.get("arch", ""),
     )
 
-
-# ---- host-cpu: measured peak ----------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    """Where measurements are cached; PODSCALE_CACHE_DIR isolates tests and CI."""
-    d = Path(os.environ.get("PODSCALE_CACHE_DIR") or Path.home() / ".cache" / "podscale")
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def host_fingerprint() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} x{os.cpu_count()}"
-
-
-def host_cores() -> int:
-    """Cores this process may use (affinity-aware: containers often restrict them)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return os.cpu_count() or 1
-
-
-def measure_gemm_flops(dtype_key: str, threads: int, n: int = 512, seconds: float = 0.3) -> float:
-    """Best-of-repeats GEMM rate (FLOPS) with ``threads`` threads: the CPU's practical peak."""
-    import torch
-
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_key]
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        a = torch.randn(n, n, dtype=dt)
-        b = torch.randn(n, n, dtype=dt)
-        for _ in range(3):
-            a @ b
-        best = 0.0
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            t = time.perf_counter()
-            for _ in range(4):
-                a @ b
-            dt_s = (time.perf_counter() - t) / 4
-            best = max(best, 2 * n**3 / dt_s)
-        return best
-    finally:
-        torch.set_num_threads(old)
-
-
-def measured_host_peaks(measure: bool = True, refresh: bool = False) -> dict[str, float]:
-    """host-cpu's peak per dtype, from the cache or (if torch is importable) a short measurement.
-
-    ``refresh`` re-measures: a peak measured while the machine was busy is too low, which shows up
-    as a run achieving more than "peak" (``scaling.run.finish`` then asks for a fresh one)."""
-    path = cache_dir() / "host_peak.json"
-    fp = host_fingerprint()
-    try:
-        cached = json.loads(path.read_text())
-        if cached.get("host") == fp and cached.get("peaks") and not refresh:
-            return dict(cached["peaks"])
-    except (OSError, ValueError):
-        pass
-    if not measure:
-        return {}
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return {}
-    peaks = {k: measure_gemm_flops(k, host_cores()) for k in ("fp32", "bf16")}
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"host": fp, "peaks": peaks, "measured_at": time.time()}))
-    os.replace(tmp, path)
-    return peaks
 
 
 def detect(backend: str) -> str:

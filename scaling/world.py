@@ -21,8 +21,9 @@ from typing import Any
 
 from scaling.backends import get_backend
 from scaling.config import RunConfig
-from scaling.errors import RunFailed
+from scaling.errors import Diverged, RunFailed, UsageError, UserCodeFailed
 from scaling.progress import Progress
+from scaling.script import read_errors
 
 POLL_S = 0.05
 
@@ -77,8 +78,13 @@ def run_local(cfg: RunConfig, extra_env: dict[str, str] | None = None) -> dict[s
             "MASTER_PORT": str(free_port()),
             "WORLD_SIZE": str(world),
             "PYTHONUNBUFFERED": "1",
+            "PODSCALE_LAUNCHER_PID": str(os.getpid()),  # the ranks die with it (scaling.worker)
         })
         base.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo listens on loopback only
+        # the worker's sys.path must not start with the current directory: a user's models.py or
+        # scaling.py there would shadow podscale's packages (Python >= 3.11; the script's own
+        # directory is put first by scaling.script, as `python train.py` does)
+        base["PYTHONSAFEPATH"] = "1"
         root = str(Path(__file__).resolve().parent.parent)
         base["PYTHONPATH"] = root + (os.pathsep + base["PYTHONPATH"] if base.get("PYTHONPATH") else "")
         procs: list[subprocess.Popen[bytes]] = []
@@ -90,7 +96,7 @@ def run_local(cfg: RunConfig, extra_env: dict[str, str] | None = None) -> dict[s
                     [sys.executable, "-m", "scaling.worker"], env=e,
                     process_group=0 if rank == 0 else procs[0].pid,
                 ))
-            _supervise(cfg, procs, progress)
+            _supervise(cfg, procs, progress, run_dir)
         except BaseException:
             _kill_group(procs)
             raise
@@ -132,7 +138,7 @@ def _same_fs(a: Path, b: str) -> bool:
         return False
 
 
-def _supervise(cfg: RunConfig, procs: list[subprocess.Popen[bytes]], progress: Progress) -> None:
+def _supervise(cfg: RunConfig, procs: list[subprocess.Popen[bytes]], progress: Progress, run_dir: Path) -> None:
     world = len(procs)
     t_start = time.time()
     while True:
@@ -147,6 +153,8 @@ def _supervise(cfg: RunConfig, procs: list[subprocess.Popen[bytes]], progress: P
             rank, code = next(((r, c) for r, c in failed if c < 0), failed[0])
             step = int(progress.steps()[rank])
             _kill_group(procs)
+            if not any(c < 0 for _, c in failed):
+                _raise_recorded(run_dir, world)
             others = f"; stopped the other {world - 1} rank(s)" if world > 1 else ""
             raise RunFailed(f"rank {rank} {_describe_exit(code)} at step {step} of {cfg.steps}{others}")
         if all(c == 0 for c in codes):
@@ -165,3 +173,20 @@ def _supervise(cfg: RunConfig, procs: list[subprocess.Popen[bytes]], progress: P
                 f"of {cfg.steps} (ranks at steps {[int(s) for s in steps]}); killed all {world} rank(s)"
             )
         time.sleep(POLL_S)
+
+
+def _raise_recorded(run_dir: Path, world: int) -> None:
+    """A rank that raised recorded what (``scaling.script``): report the first one, by its kind."""
+    errors = read_errors(run_dir)
+    if not errors:
+        return
+    e = errors[0]
+    where = f" (rank {e['rank']} of {world})" if world > 1 else ""
+    if e["kind"] == "usage":
+        raise UsageError(e["message"] + where)
+    if e["kind"] == "diverged":
+        raise Diverged(e["message"], e.get("step"), e.get("losses"))
+    if e["kind"] == "user":
+        err = UserCodeFailed(f"rank {e['rank']} raised {e['message']}")
+        err.traceback = e.get("traceback", "")  # type: ignore[attr-defined]
+        raise err

@@ -1,32 +1,19 @@
-"""``podscale calibrate``: measure this host, so that host-cpu predictions are measured, not guessed.
+"""``podscale calibrate``, measuring: times this host's GEMMs, collectives and reference steps.
 
 Emulated devices share the host's cores, and gloo / XLA-CPU collectives and per-step framework work
-grow with N far faster than ``N / cores`` (8 gloo ranks on 2 cores: ~30x one rank's step). So, per
-backend and per device count N, this measures:
-
-- ``overhead``: the median step of a tiny reference model (an mlp of a few hundred parameters) run
-  through the real backend (``launchers.local.run_local``): framework, optimizer, synchronisation
-  and contention at N, with next to no FLOPs and bytes;
-- ``slowdown``: how much longer a fixed GEMM takes on each of N devices running at once than on one
-  device alone (1.0 for N <= cores in an idle machine, ~N/cores beyond);
-- the all-reduce curve: seconds vs message bytes with the backend's own collective (gloo for
-  torch-ddp, XLA-CPU psum for jax-*), with its alpha-beta fit;
-- once per host: GEMM rates for square sizes on 1 ... all cores (torch) and for one XLA-CPU device.
-
-The file (``calibration-<env>.json`` in ``hardware.cache_dir()``, one per framework environment) is keyed by the host fingerprint and the
-framework versions; it is written atomically and merged, so calibrating one more backend or N keeps
-the rest.
+grow with N far faster than ``N / cores`` (8 gloo ranks on 2 cores: ~30x one rank's step), so they
+are measured, per backend and N, and merged into the file that ``calibration`` reads (what each
+term means is written there). The reference steps run through the real backend
+(``scaling.world.run_local``); the collective and GEMM workers are this module's own
+``--worker`` processes.
 """
 
 from __future__ import annotations
 
 import argparse
-import bisect
 import datetime
-import importlib.metadata
 import importlib.util
 import json
-import math
 import os
 import signal
 import statistics
@@ -38,32 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from scaling import hardware
 from scaling.errors import RunFailed, UsageError
+from scaling.throughput import host
+from scaling.throughput.calibration import (FAMILIES, REF_MODEL_OPTS, VERSION, _empty, fit_alpha_beta, framework_version,
+                                            gemm_source, load, monotone, ref_grad_bytes, save)
 
-def _env_tag() -> str:
-    """A short tag of this environment's frameworks: .venv (torch 2.13, jax 0.10) and .venv-xla (torch
-    2.9, jax 0.7, torch_xla) calibrate the same host differently and must not overwrite each other."""
-    import hashlib
-
-    vers = {pkg: framework_version(pkg) for pkg in ("torch", "jax", "torch_xla")}
-    return hashlib.sha1(json.dumps(vers, sort_keys=True).encode()).hexdigest()[:8]
-
-
-VERSION = 1
-#: backend -> (collective family, framework package whose version keys the entries)
-FAMILIES = {"torch-ddp": ("gloo", "torch"), "jax-pmap": ("xla-cpu", "jax"), "jax-sharded": ("xla-cpu", "jax"),
-            # torch_xla's SPMD step runs on the same XLA-CPU runtime: its collectives and GEMMs are
-            # measured through jax (installed beside it in .venv-xla), its overhead through itself
-            "torch-xla": ("xla-cpu", "torch_xla")}
-REF_MODEL_OPTS = {"d_in": 16, "hidden": 16, "d_out": 1}
-
-
-def gemm_source(backend: str) -> str:
-    """Which GEMM table a backend's compute is predicted from: torch's (gloo ranks) or XLA's (via jax)."""
-    return "torch" if FAMILIES[backend][0] == "gloo" else "jax"
-
-"""The reference model: mlp 16-16-1 (289 parameters): a step that is all overhead."""
 
 
 @dataclass(frozen=True)
@@ -72,230 +38,27 @@ class Sizes:
     messages: tuple[int, ...]
     ref_steps: int
     reps: int
+    ref_runs: int = 3
+    """Separate runs of the reference model per (backend, N > 1); their median is the overhead."""
 
 
 QUICK = Sizes((32, 64, 128, 256, 512), (1 << 10, 1 << 14, 1 << 18, 1 << 20, 1 << 22), 60, 5)
 FULL = Sizes((16, 32, 64, 128, 256, 512, 1024), (1 << 10, 1 << 12, 1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24), 60, 11)
-TINY = Sizes((32, 128), (1 << 10, 1 << 16), 8, 3)
+TINY = Sizes((32, 128), (1 << 10, 1 << 16), 8, 3, 1)
 """For tests: seconds, not minutes."""
-
-
-def path() -> Path:
-    return hardware.cache_dir() / FILE_NAME
-
-
-def framework_version(pkg: str) -> str | None:
-    try:
-        return importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-FILE_NAME = f"calibration-{_env_tag()}.json"
-
-
-# ---- the file ------------------------------------------------------------------------------
-
-
-def load(p: Path | None = None) -> dict[str, Any] | None:
-    """This host's calibration, with entries of stale framework versions dropped; None if absent."""
-    p = p or path()
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
-    if data.get("version") != VERSION or data.get("host") != hardware.host_fingerprint():
-        return None
-    for backend in list(data.get("backends", {})):
-        pkg = FAMILIES.get(backend, ("", ""))[1]
-        if data["backends"][backend].get("framework_version") != framework_version(pkg):
-            del data["backends"][backend]
-    gemm = data.get("gemm", {})
-    for fw in list(gemm):
-        if gemm[fw].get("framework_version") != framework_version(fw):
-            del gemm[fw]
-    return data
-
-
-def save(data: dict[str, Any], p: Path | None = None) -> Path:
-    p = p or path()
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, p)
-    return p
-
-
-def _empty() -> dict[str, Any]:
-    return {"version": VERSION, "host": hardware.host_fingerprint(), "cores": hardware.host_cores(),
-            "gemm": {}, "collectives": {}, "backends": {}}
-
-
-def has_backend(cal: dict[str, Any], backend: str, n: int | None = None) -> bool:
-    """Whether ``backend`` is calibrated (at ``n`` or within its calibrated range of N)."""
-    b = cal.get("backends", {}).get(backend)
-    if not b or not b.get("per_n"):
-        return False
-    fam = FAMILIES.get(backend, ("",))[0]
-    if not cal.get("gemm", {}).get("torch" if fam == "gloo" else "jax"):
-        return False
-    return n is None or n <= max(int(k) for k in b["per_n"]) or len(b["per_n"]) >= 2
-
-
-# ---- the terms the predictor reads -----------------------------------------------------------
-
-
-def _interp(xs: list[float], ys: list[float], x: float, log: bool = True) -> float:
-    """Piecewise-linear interpolation (in log x when ``log``); flat beyond the ends."""
-    if len(xs) == 1:
-        return ys[0]
-    f = (lambda v: math.log(v)) if log else (lambda v: v)
-    if x <= xs[0]:
-        return ys[0]
-    if x >= xs[-1]:
-        return ys[-1]
-    i = bisect.bisect_right(xs, x)
-    x0, x1 = f(xs[i - 1]), f(xs[i])
-    w = (f(x) - x0) / (x1 - x0)
-    return ys[i - 1] + w * (ys[i] - ys[i - 1])
-
-
-@dataclass(frozen=True)
-class HostTerms:
-    overhead: float
-    slowdown: float
-    points: tuple[tuple[float, float], ...]
-    """(bytes, seconds) of the all-reduce at this N."""
-    alpha: float
-    bw: float
-    ref_bytes: float
-    rates: tuple[tuple[float, float], ...]
-    """(GEMM FLOPs, FLOPS) for one device alone."""
-    interpolated: bool
-
-    def allreduce(self, nbytes: float) -> float:
-        """Measured curve between the points; alpha-beta fit's slope beyond the largest."""
-        if not self.points:
-            return 0.0
-        xs = [p[0] for p in self.points]
-        ys = [p[1] for p in self.points]
-        if nbytes > xs[-1]:
-            return ys[-1] + (nbytes - xs[-1]) / self.bw
-        if nbytes <= xs[0]:
-            return ys[0]
-        return _interp(xs, ys, nbytes, log=False)
-
-    def gemm_rate(self, gemm_flops: float) -> float:
-        """The rate one device sustains on a GEMM of this many FLOPs (interpolated on log size)."""
-        xs = [r[0] for r in self.rates]
-        ys = [r[1] for r in self.rates]
-        return max(1.0, _interp(xs, ys, max(gemm_flops, 1.0)))
-
-
-def host_terms(cal: dict[str, Any], backend: str, n: int, dtype: str = "float32") -> HostTerms:
-    """The calibrated terms for ``backend`` at N devices (log-interpolated between calibrated N)."""
-    if backend not in FAMILIES:
-        raise UsageError(f"backend {backend!r} is not calibrated on host-cpu; calibrated backends: {', '.join(FAMILIES)}")
-    b = cal.get("backends", {}).get(backend)
-    if not b or not b.get("per_n"):
-        raise UsageError(f"no calibration for {backend} on this host: run `podscale calibrate --backends {backend}`")
-    fam = FAMILIES[backend][0]
-    fw = gemm_source(backend)
-    gemm = cal.get("gemm", {}).get(fw, {})
-    key = hardware.PEAK_DTYPE.get(dtype, "fp32")
-    table = gemm.get(key) or gemm.get("fp32")
-    if not table:
-        raise UsageError(f"no GEMM calibration for {fw} on this host: run `podscale calibrate`")
-    threads = "1" if fw == "torch" else "device"
-    rates = tuple(sorted((2.0 * int(s) ** 3, r) for s, r in table[threads].items()))
-    per_n = {int(k): v for k, v in b["per_n"].items()}
-    ns = sorted(per_n)
-    coll = cal.get("collectives", {}).get(fam, {})
-
-    def at(m: int) -> tuple[float, float, list[tuple[float, float]], float, float]:
-        e = per_n[m]
-        c = coll.get(str(m), {"points": [], "alpha": 0.0, "bw": float("inf")})
-        return e["overhead_s"], e["slowdown"], [tuple(p) for p in c["points"]], c["alpha"], c["bw"]
-
-    ref_bytes = float(b.get("ref_grad_bytes", 0))
-    if n in per_n:
-        o, s, pts, a, bw = at(n)
-        return HostTerms(o, s, tuple(pts), a, bw, ref_bytes, rates, False)  # type: ignore[arg-type]
-    # between (or beyond) calibrated N: log-log interpolation of each term, one rule for all
-    lo = max([m for m in ns if m < n], default=ns[0])
-    hi = min([m for m in ns if m > n], default=ns[-1])
-    if lo == hi:  # beyond the range: extrapolate from the last two calibrated counts
-        pair = ns[-2:] if n > ns[-1] else ns[:2]
-        if len(pair) < 2:
-            raise UsageError(f"{backend} is calibrated at N={ns[0]} only; run `podscale calibrate --devices 1,2,4,8`")
-        lo, hi = pair
-    w = (math.log(n) - math.log(lo)) / (math.log(hi) - math.log(lo))
-    o0, s0, p0, a0, b0 = at(lo)
-    o1, s1, p1, a1, b1 = at(hi)
-
-    def lerp_log(x0: float, x1: float) -> float:
-        return math.exp(math.log(max(x0, 1e-12)) + w * (math.log(max(x1, 1e-12)) - math.log(max(x0, 1e-12))))
-
-    pts = []
-    if p0 and p1 and [p[0] for p in p0] == [p[0] for p in p1]:
-        pts = [(x, lerp_log(y0, y1)) for (x, y0), (_, y1) in zip(p0, p1)]
-    return HostTerms(lerp_log(o0, o1), max(1.0, lerp_log(s0, s1)), tuple(pts), lerp_log(max(a0, 1e-9), max(a1, 1e-9)),
-                     lerp_log(b0, b1), ref_bytes, rates, True)
-
-
-def host_peak(cal: dict[str, Any], key: str) -> float | None:
-    """host-cpu's peak for MFU: the cached measurement (``hardware.measured_host_peaks``) or, failing
-    that, the calibration's best torch GEMM rate on the most threads."""
-    cached = hardware.measured_host_peaks(measure=False).get(key)
-    if cached:
-        return cached
-    table = cal.get("gemm", {}).get("torch", {}).get(key, {})
-    if not table:
-        return None
-    most = max(table, key=int)
-    return max(table[most].values())
-
-
-# ---- measuring -----------------------------------------------------------------------------
-
-
-def monotone(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """More bytes never take less time: a small message slowed by a scheduling hiccup (2 cores shared
-    by N ranks) is capped by the larger messages measured after it (running minimum from the right)."""
-    out: list[tuple[float, float]] = []
-    best = float("inf")
-    for b, t in sorted(points, reverse=True):
-        best = min(best, t)
-        out.append((b, best))
-    return out[::-1]
-
-
-def fit_alpha_beta(points: list[tuple[float, float]]) -> tuple[float, float]:
-    """Least-squares t = alpha + bytes / bw over the points (alpha >= 0, bw > 0)."""
-    if len(points) < 2:
-        return (points[0][1] if points else 0.0), float("inf")
-    xs = [p[0] for p in points]
-    ys = [p[1] for p in points]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
-    slope = max(slope, 1e-15)
-    alpha = max(0.0, my - slope * mx)
-    return alpha, 1.0 / slope
 
 
 def torch_gemm_table(sizes: tuple[int, ...], threads: list[int], dtypes: tuple[str, ...] = ("fp32", "bf16")) -> dict[str, Any]:
     """GEMM FLOPS by dtype, thread count and square size, in this process."""
     out: dict[str, Any] = {"framework_version": framework_version("torch")}
     for key in dtypes:
-        out[key] = {str(t): {str(n): hardware.measure_gemm_flops(key, t, n=n, seconds=0.08 if n < 256 else 0.15)
-                             for n in sizes} for t in threads}
+        out[key] = {str(t): {str(n): host.measure_gemm_flops(key, t, n=n, repeats=3)[0] for n in sizes} for t in threads}
     return out
 
 
 def _spawn(argv: list[str], envs: list[dict[str, str]], timeout: float, what: str) -> None:
     """Start the processes in one new process group; kill them all on timeout or a failure."""
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for i, env in enumerate(envs):
@@ -330,7 +93,7 @@ def _spawn(argv: list[str], envs: list[dict[str, str]], timeout: float, what: st
 
 def measure_gloo(n: int, sizes: Sizes, timeout: float = 240.0) -> dict[str, Any]:
     """All-reduce curve and GEMM slowdown of N gloo ranks (one thread each, as torch-ddp runs them)."""
-    from launchers.local import free_port
+    from scaling.world import free_port
 
     with tempfile.TemporaryDirectory(prefix="podscale-cal-") as tmp:
         out = Path(tmp) / "out.json"
@@ -338,7 +101,7 @@ def measure_gloo(n: int, sizes: Sizes, timeout: float = 240.0) -> dict[str, Any]
         port = str(free_port())
         envs = [{"RANK": str(r), "WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
                  "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PODSCALE_CAL": spec} for r in range(n)]
-        _spawn([sys.executable, "-m", "scaling.calibrate", "--worker", "gloo"], envs, timeout, f"gloo at N={n}")
+        _spawn([sys.executable, "-m", "scaling.throughput.measure", "--worker", "gloo"], envs, timeout, f"gloo at N={n}")
         return json.loads(out.read_text())
 
 
@@ -350,13 +113,17 @@ def measure_xla(n: int, sizes: Sizes, gemm_table: bool, timeout: float = 240.0) 
                            "gemm": list(sizes.gemm) if gemm_table else []})
         flags = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
         envs = [{"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "PODSCALE_CAL": spec}]
-        _spawn([sys.executable, "-m", "scaling.calibrate", "--worker", "xla"], envs, timeout, f"XLA-CPU at N={n}")
+        _spawn([sys.executable, "-m", "scaling.throughput.measure", "--worker", "xla"], envs, timeout, f"XLA-CPU at N={n}")
         return json.loads(out.read_text())
 
 
 def reference_step(backend: str, n: int, sizes: Sizes) -> float:
-    """Median step of the tiny reference model through the real backend at N devices."""
-    from launchers.local import run_local
+    """Step of the tiny reference model through the real backend at N devices: the median over
+    ``sizes.ref_runs`` separate runs (N > 1) of each run's median step. On 2 shared cores the
+    median step of one multi-rank run varies run to run far more than within a run (2 gloo ranks:
+    1.5 to 3.4 ms over five runs here), so one run's figure would be replayed into every
+    prediction."""
+    from scaling.world import run_local
     from scaling.config import RunConfig
     from scaling.meter import median_step_time
 
@@ -364,13 +131,8 @@ def reference_step(backend: str, n: int, sizes: Sizes) -> float:
     cfg = RunConfig(backend=backend, model="mlp", devices=n, global_batch=n, steps=sizes.ref_steps,
                     untimed_steps=untimed, model_opts={k: str(v) for k, v in REF_MODEL_OPTS.items()},
                     step_timeout=120.0, startup_timeout=300.0)
-    raw = run_local(cfg)
-    return median_step_time(raw["step_times"], untimed)
-
-
-def ref_grad_bytes() -> int:
-    d, h, o = REF_MODEL_OPTS["d_in"], REF_MODEL_OPTS["hidden"], REF_MODEL_OPTS["d_out"]
-    return 4 * (d * h + h + h * o + o)
+    runs = [median_step_time(run_local(cfg)["step_times"], untimed) for _ in range(sizes.ref_runs if n > 1 else 1)]
+    return statistics.median(runs)
 
 
 def calibrate(backends: list[str], device_counts: list[int], sizes: Sizes = QUICK, log: Callable[[str], None] | None = None,
@@ -387,8 +149,14 @@ def calibrate(backends: list[str], device_counts: list[int], sizes: Sizes = QUIC
         if n < 1:
             raise UsageError(f"invalid --devices {n}: device counts must be positive integers")
     data = existing if existing is not None else (load() or _empty())
-    data.update({"version": VERSION, "host": hardware.host_fingerprint(), "cores": hardware.host_cores()})
-    cores = hardware.host_cores()
+    data.update({"version": VERSION, "host": host.host_fingerprint(), "cores": host.host_cores()})
+    if importlib.util.find_spec("torch") is not None:
+        log("host peak: GEMM on all cores (cached only when the repeats agree)")
+        try:
+            host.measured_host_peaks(write=True)  # the one writer of the MFU basis (runs only read it)
+        except host.BusyMachine as e:
+            log(str(e))
+    cores = host.host_cores()
     fams = {FAMILIES[b][0] for b in backends}
     if "gloo" in fams and not data["gemm"].get("torch"):
         log(f"GEMM rates, torch, 1..{cores} threads")

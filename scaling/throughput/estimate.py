@@ -1,0 +1,324 @@
+"""The throughput model: predicted step time, samples/s, achieved FLOPS, MFU and scaling efficiency.
+
+One rule, for every catalog hardware and every model (DESIGN.md, "The predictor")::
+
+    step = sum_layers [max(FLOPs / (peak_unit * f_unit), bytes / (mem_bw * f_mem)) + kernels * launch]
+         + optimizer update (memory-bound)  +  exposed all-reduce (bucketed behind backward)
+
+- the unit is the one the dtype's matmuls run on (``compute.UNITS``: fp32 CUDA cores, TF32 or 16-bit
+  tensor cores, TPU MXUs), f_unit its attainable fraction (``compute.COMPUTE_FRACTION``), and MFU is
+  taken against that unit's peak (``peak_dtype``);
+- per-layer FLOPs and bytes from the spec's op list (``roofline``); a model known only by a paper's
+  FLOPs is compute-only (a lower bound of its time);
+- the all-reduce by topology (``collectives``: NVLink/NVSwitch ring in a node, NICs across nodes,
+  the TPU torus per chip, DCN between slices), bucketed behind backward by one rule (``roofline``).
+
+On ``host-cpu`` the emulated devices share the host's cores, so the same terms come from
+``podscale calibrate`` instead (``scaling.throughput.calibration``), measured per backend at each device count N::
+
+    step = overhead(backend, N)                      # a tiny model's real step: framework + contention
+         + sum_layers F_layer / rate(GEMM size) * slowdown(backend, N)   # compute, measured GEMM rates
+         + allreduce(grad_bytes, N) - allreduce(tiny model's bytes, N)   # measured collective curve
+
+with overlap 0 (the cores that would run the all-reduce are the ones computing).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+from scaling.errors import UsageError
+from scaling.throughput import catalog
+from scaling.throughput.calibration import has_backend, host_peak, host_terms
+from scaling.throughput.calibration import load as load_calibration
+from scaling.throughput import compute
+from scaling.throughput.collectives import allreduce_time
+from scaling.throughput.roofline import LayerWork, Rates, flops_only_works, layer_works, sharded_parts, step_parts
+
+
+# ---- workloads: specs or published figures --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the predictor needs of a model: FLOPs per sample, gradient bytes, matmul layer sizes."""
+
+    name: str
+    params: int
+    train_flops_per_sample: float
+    grad_bytes: int
+    layer_flops: tuple[float, ...] = ()
+    """Per-sample training FLOPs of each matmul layer (host-cpu picks a GEMM rate per layer size)."""
+    source: str = "spec"
+    op_flops: tuple[float, ...] = ()
+    """Measured instead of specified: the FLOPs of each matmul/conv call of one device's training
+    step (forward and backward), as a run's first step recorded them at its per-device batch."""
+    works: tuple[LayerWork, ...] = ()
+    """Per-layer FLOPs and bytes per sample (the roofline's input); empty: compute-only pieces."""
+    activations_per_sample: float | None = None
+    """Activation values one sample keeps for backward (the spec's layers); None: a paper's figures only."""
+
+    def roofline_works(self) -> tuple[LayerWork, ...]:
+        return self.works or flops_only_works(self.train_flops_per_sample, self.params)
+
+
+#: Published models known only by a paper's figures: (params, multiply-adds per image at 299x299,
+#: citation). Training FLOPs/sample = 3 (fwd + 2x bwd) x 2 x MACs. Models with an op list are specs
+#: instead (``models.named_spec``: resnet50-v1, resnet101(-v1), bert-base/large, gpt2-*, gpt3-*).
+PUBLISHED: dict[str, tuple[float, float, str]] = {
+    "inception-v3": (23.8e6, 5.7e9, "Szegedy et al. 2016 (Rethinking the Inception Architecture), 299x299; params per Keras applications"),
+}
+
+
+def workload(model: Any, **opts: Any) -> Workload:
+    """A Workload from a ModelSpec, a model name (zoo, named, published) or a Workload.
+
+    Names: the zoo's (``resnet50`` = ResNet-50 v1.5 as torchvision and NVIDIA name it; ``resnet-50``
+    is the same), the named specs (``resnet50-v1`` = He et al.'s v1, ``bert-base``, ``gpt3-175b``, ...),
+    then the paper-only entries of PUBLISHED."""
+    if isinstance(model, Workload):
+        return model
+    name = None
+    if isinstance(model, str):
+        from models.errors import did_you_mean
+        from models.named_spec import NAMED, named_spec
+        from models.spec import SPECS, canonical_model_name, get_spec
+
+        if model in PUBLISHED:  # a paper's figures, by the paper's name
+            params, macs, cite = PUBLISHED[model]
+            return Workload(model, int(params), 6.0 * macs, int(params) * 4, (6.0 * macs,), f"published: {cite}")
+        named = named_spec(model, **opts)
+        if named is not None:
+            name, model = model, named
+        elif canonical_model_name(model) in SPECS:
+            model = get_spec(model, **opts)
+        else:
+            valid = [*SPECS, *NAMED, *PUBLISHED]
+            raise UsageError(f"unknown model {model!r}{did_you_mean(model, valid)}; valid: {', '.join(valid)}")
+    costs = model.layer_costs()
+    layers = tuple(float(c.forward_flops + c.backward_flops) for c in costs if c.forward_flops)
+    works = layer_works(costs, math.prod(model.input_shape))
+    return Workload(name or model.name, model.param_count, float(model.train_flops_per_sample), model.grad_bytes(), layers,
+                    works=works, activations_per_sample=float(model.activations_per_sample))
+
+
+# ---- estimates ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Estimate:
+    model: str
+    hardware: str
+    devices: int
+    global_batch: float
+    dtype: str
+    backend: str | None
+    step_time_s: float
+    compute_s: float
+    comm_s: float
+    """Exposed (not hidden) all-reduce time."""
+    allreduce_s: float
+    """The all-reduce's full time, hidden or not."""
+    overhead_s: float
+    samples_per_s: float
+    model_flops_per_step: float
+    achieved_flops: float
+    peak_flops: float | None
+    """The run's peak: devices x device peak (host-cpu: the host's one shared peak)."""
+    peak_dtype: str
+    mfu: float | None
+    eta: float | None
+    overlap: float
+    basis: str
+    efficiency: float | None = None
+    scaling: str | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+    unit: str | None = None
+    """The execution unit the matmuls ran on (compute.UNITS); MFU is against its peak."""
+    fraction_source: str | None = None
+    memory_bound_s: float = 0.0
+    """Time of the memory-bound layer pieces (norms, activations, pools, embeddings), in compute_s."""
+    launch_s: float = 0.0
+    slices: int = 1
+
+    @property
+    def mfu_flag(self) -> str | None:
+        """Why the MFU cannot be taken at face value (above 100%: the peak or the FLOP count is wrong)."""
+        if self.mfu is None or self.mfu <= 1.0:
+            return None
+        return "above 100% of peak: the peak or the FLOP count is wrong"
+
+    @property
+    def per_device_batch(self) -> float:
+        return self.global_batch / self.devices
+
+    @property
+    def achieved_pflops(self) -> float:
+        return self.achieved_flops / 1e15
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["notes"] = list(self.notes)
+        d["per_device_batch"] = self.per_device_batch
+        d["achieved_pflops"] = self.achieved_pflops
+        d["mfu_flag"] = self.mfu_flag
+        return d
+
+
+def _check_sizes(devices: int, global_batch: float) -> None:
+    if not isinstance(devices, int) or devices < 1:
+        raise UsageError(f"invalid --devices {devices!r}: must be a positive integer")
+    if not global_batch > 0:
+        raise UsageError(f"invalid --global-batch {global_batch!r}: must be a positive number of samples")
+
+
+def predict_step(model_spec: Any, hw_id: str, devices: int, global_batch: float, dtype: str = "float32",
+                 backend: str | None = None, algorithm: str = "auto", calibration: Any = None, slices: int = 1,
+                 sharding: str = "none") -> Estimate:
+    """Predicted step of data-parallel training of ``model_spec`` on ``devices`` devices of ``hw_id``.
+
+    ``host-cpu`` needs a calibration (``calibration`` or this machine's file) for ``backend``
+    (default torch-ddp): UsageError when none exists. Elsewhere the catalog and ``compute`` decide."""
+    _check_sizes(devices, global_batch)
+    if dtype not in catalog.PEAK_DTYPE:
+        raise UsageError(f"invalid --dtype {dtype!r}; valid: {', '.join(catalog.PEAK_DTYPE)}")
+    hw = catalog.get(hw_id) if hw_id != "host-cpu" else catalog._build("host-cpu", catalog._raw_catalog())
+    hw.check_devices(devices, slices)
+    wl = workload(model_spec)
+    flops = wl.train_flops_per_sample * global_batch
+    if hw.id == "host-cpu":
+        compute.check_dtype(hw, dtype)
+        est = _predict_host(wl, hw, devices, global_batch, dtype, backend or "torch-ddp", calibration)
+        if sharding != "none" and devices > 1:
+            est = replace(est, notes=est.notes + ("--sharding is not priced on host-cpu yet: its calibration measured "
+                                                  "all-reduce only, so this is the replicated step",))
+        return est
+    key, dev_peak = compute.check_dtype(hw, dtype)
+    frac = compute.compute_fraction(hw, key)
+    rates = Rates(dev_peak * frac.value, (hw.memory_bw or 1e12) * compute.memory_fraction(hw).value,
+                  compute.launch_s(hw).value, 2 if dtype in ("float16", "bfloat16") else 4)
+    def ar(b: float) -> float:
+        return allreduce_time(b, devices, hw, algorithm, slices)
+
+    parts = step_parts(wl.roofline_works(), global_batch / devices, rates, wl.grad_bytes, ar, compute.OVERLAP_HIDDEN.value)
+    parts = sharded_parts(parts, wl.roofline_works(), wl.grad_bytes, ar, sharding, devices)
+    step = parts.step_s
+    peak = dev_peak * devices
+    notes = []
+    if key != catalog.PEAK_DTYPE[dtype]:
+        notes.append(f"{hw.id} publishes no {catalog.PEAK_DTYPE[dtype]} matmul peak: MFU is against {key}")
+    if not wl.works:
+        notes.append(f"{wl.name}: no op list (a paper's FLOPs only): compute-only, memory-bound layers not modelled")
+    if dtype == "float32" and "tf32" in hw.peak_flops:
+        notes.append("float32 = FP32 CUDA cores; frameworks that run convolutions/matmuls in TF32 by default "
+                     "(cuDNN, JAX on GPU) are --dtype tf32")
+    unit = compute.unit_for(hw, key)
+    basis = (f"roofline: {unit} at {frac.value:g} of peak ({frac.basis}), memory at "
+             f"{compute.memory_fraction(hw).value:g} of bandwidth; all-reduce {'torus' if hw.ici_link_bw else 'by node topology'}, "
+             f"bucketed behind backward" if sharding == "none" or devices == 1 else
+             f"sharded ({sharding}): all-gathers and reduce-scatter prefetched behind forward/backward")
+    return Estimate(wl.name, hw.id, devices, global_batch, dtype, backend, step, parts.compute_s, parts.exposed_comm_s,
+                    parts.allreduce_s, 0.0, global_batch / step, flops, flops / step, peak, key, flops / step / peak,
+                    frac.value, 1.0 - (parts.exposed_comm_s / parts.allreduce_s if parts.allreduce_s else 0.0), basis,
+                    notes=tuple(notes), unit=unit, fraction_source=frac.source, memory_bound_s=parts.memory_bound_s,
+                    launch_s=parts.launch_s, slices=slices)
+
+
+def _predict_host(wl: Workload, hw: catalog.Hardware, n: int, global_batch: float, dtype: str, backend: str,
+                  calibration: Any) -> Estimate:
+    hw = replace(hw, peak_flops={})  # host-cpu's peak comes from the calibration (no second measurement)
+    cal = calibration if calibration is not None else load_calibration()
+    if cal is None:
+        raise UsageError("no calibration of this host yet: run `podscale calibrate` (host-cpu predictions are measured, not guessed)")
+    terms = host_terms(cal, backend, n, dtype)
+    per_dev = global_batch / n
+    if wl.op_flops:  # measured calls: each one GEMM/conv of that many FLOPs
+        compute_1 = sum(f / terms.gemm_rate(f) for f in wl.op_flops)
+    else:
+        layers = wl.layer_flops or (wl.train_flops_per_sample,)
+        compute_1 = sum(f * per_dev / terms.gemm_rate(f * per_dev / 3.0) for f in layers)
+    compute = compute_1 * terms.slowdown
+    comm = max(0.0, terms.allreduce(wl.grad_bytes) - terms.allreduce(terms.ref_bytes))
+    step = terms.overhead + compute + comm
+    flops = wl.train_flops_per_sample * global_batch
+    key = catalog.PEAK_DTYPE[dtype]
+    peak = host_peak(cal, key)  # shared by all emulated devices: not multiplied by N
+    return Estimate(wl.name, hw.id, n, global_batch, dtype, backend, step, compute, comm, comm, terms.overhead,
+                    global_batch / step, flops, flops / step, peak, key, (flops / step / peak) if peak else None,
+                    None, 0.0, f"calibration of this host ({backend}, N={n}{', interpolated' if terms.interpolated else ''})")
+
+
+def device_counts(max_devices: int) -> list[int]:
+    """1, 2, 4, ... up to max_devices (which is included even when not a power of two)."""
+    out, n = [], 1
+    while n < max_devices:
+        out.append(n)
+        n *= 2
+    out.append(max_devices)
+    return out
+
+
+def predict(model_spec: Any, hw_id: str, max_devices: int, *, per_device_batch: float | None = None,
+            global_batch: float | None = None, scaling: str = "weak", dtype: str = "float32",
+            backend: str | None = None, counts: Sequence[int] | None = None, algorithm: str = "auto",
+            calibration: Any = None, slices: int = 1, sharding: str = "none") -> list[Estimate]:
+    """Estimates for N = 1, 2, 4, ... max_devices with scaling efficiency against N = 1.
+
+    weak: fixed per-device batch (default: global_batch / max_devices); efficiency =
+    throughput(N) / (N x throughput(1)). strong: fixed global batch; efficiency = time(1) / (N x time(N))."""
+    if scaling not in ("weak", "strong"):
+        raise UsageError(f"invalid scaling {scaling!r}; valid: weak, strong")
+    _check_sizes(max_devices, global_batch if global_batch is not None else (per_device_batch or 1))
+    if per_device_batch is None and global_batch is None:
+        raise UsageError("give --global-batch (or a per-device batch)")
+    if per_device_batch is not None and not per_device_batch > 0:
+        raise UsageError(f"invalid per-device batch {per_device_batch!r}: must be positive")
+    ns = list(counts) if counts else device_counts(max_devices)
+    out: list[Estimate] = []
+    base: Estimate | None = None
+    for n in ns:
+        if scaling == "weak":
+            b = per_device_batch if per_device_batch is not None else global_batch / max_devices  # type: ignore[operator]
+            gb = b * n
+        else:
+            gb = global_batch if global_batch is not None else per_device_batch * max_devices  # type: ignore[operator]
+        # the largest count spans the slices; a smaller one spans as many slices of that size as it fills
+        k = slices if n == ns[-1] else max(1, math.ceil(n / max(1, ns[-1] // slices)))
+        while n % k:
+            k += 1
+        est = predict_step(model_spec, hw_id, n, gb, dtype, backend, algorithm, calibration, k, sharding)
+        if base is None:
+            base = est if n == 1 else predict_step(model_spec, hw_id, 1, gb / n if scaling == "weak" else gb, dtype,
+                                                   backend, algorithm, calibration)
+        if scaling == "weak":
+            eff = est.samples_per_s / (n * base.samples_per_s)
+        else:
+            eff = base.step_time_s / (n * est.step_time_s)
+        out.append(replace(est, efficiency=eff, scaling=scaling))
+    return out
+
+
+def predict_run(cfg: Any, hw_id: str, measured: Workload | None = None) -> float | None:
+    """Predicted step time of a run's config, or None (no calibration, unknown hardware, ...).
+
+    Called by ``scaling.run.finish`` for every run; never calibrates and never raises."""
+    try:
+        if hw_id != "host-cpu":
+            catalog.get(hw_id)
+        else:
+            cal = load_calibration()
+            if cal is None or not has_backend(cal, cfg.backend, cfg.devices):
+                return None
+            if cfg.backend.startswith("jax") and cfg.processes not in (0, 1):
+                return None  # calibrated for one process holding all emulated devices
+        if measured is None:
+            from models.spec import get_spec
+
+            measured = workload(get_spec(cfg.model, **cfg.model_opts))
+        return predict_step(measured, hw_id, cfg.devices, cfg.global_batch, cfg.dtype, cfg.backend).step_time_s
+    except Exception:  # noqa: BLE001 - a prediction must never break a finished run
+        return None
+
+

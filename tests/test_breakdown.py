@@ -1,0 +1,79 @@
+"""Where the time went: after training, K probes measure a step's data, compute and exposed
+communication; the rest of the loop's own median step is reported as unattributed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import podscale
+
+SMALL_MODEL = ("--model-opt", "d_in=32", "--model-opt", "hidden=16", "--model-opt", "d_out=4")      # 2.4 kB of gradients
+BIG_MODEL = ("--model-opt", "d_in=4096", "--model-opt", "hidden=512", "--model-opt", "d_out=16")   # 8.4 MB of gradients
+
+
+def _run(tmp_path, name: str, devices: int, model: tuple[str, ...]) -> dict:
+    out = tmp_path / f"{name}.json"
+    podscale("run", "--devices", str(devices), "--global-batch", "32", "--steps", "30", "--untimed-steps", "5",
+             "--probe-steps", "12", *model, "--json", str(out), "--quiet", timeout=180)
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("breakdown")
+    return {"big1": _run(d, "big1", 1, BIG_MODEL), "big2": _run(d, "big2", 2, BIG_MODEL), "big4": _run(d, "big4", 4, BIG_MODEL),
+            "small4": _run(d, "small4", 4, SMALL_MODEL)}
+
+
+def test_parts_are_measured_and_explain_the_step(runs):
+    for name, r in runs.items():
+        b = r["breakdown"]
+        assert b["probes"] * b["runs_per_probe"] >= 10 and b["why"] is None, (name, b)  # medians of >= 10 runs
+        m = b["measured"]
+        for part in ("data_s", "compute_s", "comm_exposed_s"):
+            assert m[part] is not None and m[part] >= 0, (name, part, m)
+        assert m["compute_s"] > 0 and m["train_step_s"] == pytest.approx(r["step_time_s"])
+        if r["devices"] <= 2:  # 4 ranks on 2 cores: each step is at the scheduler's mercy, the parts too
+            assert abs(m["unattributed_s"]) <= 0.15 * m["step_s"], (name, m)
+
+
+def test_exposed_communication_grows_with_gradient_bytes(runs):
+    assert runs["big1"]["breakdown"]["measured"]["comm_exposed_s"] == 0.0  # one rank: no all-reduce at all
+    big, small = runs["big4"], runs["small4"]
+    assert big["comm_bytes_per_step"][0] >= 16 * small["comm_bytes_per_step"][0]  # gradient bytes, as DDP bucketed them
+    assert big["breakdown"]["measured"]["comm_exposed_s"] > small["breakdown"]["measured"]["comm_exposed_s"]
+
+
+def test_probes_leave_the_training_results_alone(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    common = ("--devices", "2", "--steps", "6", "--untimed-steps", "1", *SMALL_MODEL, "--quiet")
+    podscale("run", *common, "--probe-steps", "0", "--json", str(a), "--params-out", str(tmp_path / "a.npz"))
+    podscale("run", *common, "--probe-steps", "5", "--json", str(b), "--params-out", str(tmp_path / "b.npz"))
+    ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+    assert ra["losses"] == rb["losses"] and ra["final_params_l2"] == rb["final_params_l2"]
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    assert ra["breakdown"]["measured"] is None and "--probe-steps 0" in ra["breakdown"]["why"]
+
+
+@pytest.fixture(scope="module")
+def jax_runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("breakdown-jax")
+
+    def run(name: str, devices: int, model: tuple[str, ...]) -> dict:
+        out = d / f"{name}.json"
+        podscale("run", "--backend", "jax-sharded", "--devices", str(devices), "--global-batch", "32", "--steps", "30",
+                 "--untimed-steps", "5", "--probe-steps", "10", *model, "--json", str(out), "--quiet", timeout=180)
+        return json.loads(out.read_text())
+
+    return {"big2": run("big2", 2, BIG_MODEL), "big4": run("big4", 4, BIG_MODEL), "small4": run("small4", 4, SMALL_MODEL)}
+
+
+def test_jax_breakdown(jax_runs):
+    for name, r in jax_runs.items():
+        m = r["breakdown"]["measured"]
+        assert all(m[p] is not None and m[p] >= 0 for p in ("data_s", "compute_s", "comm_exposed_s")), (name, m)
+        if r["devices"] <= 2:
+            assert abs(m["unattributed_s"]) <= 0.15 * m["step_s"], (name, m)
+    assert jax_runs["big4"]["breakdown"]["measured"]["comm_exposed_s"] > jax_runs["small4"]["breakdown"]["measured"]["comm_exposed_s"]
