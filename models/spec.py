@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -142,6 +143,24 @@ class ModelSpec(ABC):
 
 #: hidden width of the synthetic data's teacher network
 TEACHER_HIDDEN = 64
+
+
+def sharding_unit(name: str) -> str:
+    """The sharding unit a layer belongs to: the longest proper prefix of its name (split at '.'
+    and '_') that ends in a digit (a numbered block: ``layer1.0``, ``h3``, ``blocks.0``, VGG's
+    ``conv2``), else the layer itself (``stem.conv``, ``fc``).
+
+    One rule for both sides of sharded data parallelism, so they agree on what one all-gather
+    moves: ``scaling.sharding_torch`` wraps each unit in one FSDP2 group (torch module paths) and
+    the throughput model prices one all-gather / reduce-scatter per unit (spec layer names). Blocks,
+    not single layers, are what FSDP users wrap (torchtitan: one per transformer block)."""
+    parts = re.split(r"([._])", name)  # keep the separators so a prefix is a real prefix of the name
+    best = ""
+    for i in range(0, len(parts) - 2, 2):  # prefixes ending before the last component
+        prefix = "".join(parts[: i + 1])
+        if prefix[-1:].isdigit():
+            best = prefix
+    return best or name
 
 
 def teacher_outputs(x: np.ndarray, d_out: int, seed: int) -> np.ndarray:

@@ -12,9 +12,10 @@ reduce-scatters its gradients. Modes (``RunConfig.sharding``):
   ZeRO-2 proper keeps them whole), so its memory is ``full``'s at rest plus the gathered
   parameters during the step.
 
-Sharding units are each direct child of the model that holds parameters, then the root (the
-blocks of a ResNet or a transformer, the layers of an MLP): one all-gather per unit, prefetched
-by FSDP while the previous unit computes.
+Sharding units follow ``models.spec.sharding_unit`` over the module paths (a numbered block such
+as ``blocks.3`` or the zoo CNN's ``layers.layer2_1_*``, else one layer), each one FSDP2 group, then
+the root for what is left (``pos_emb``): one all-gather per unit, prefetched by FSDP while the
+previous unit computes, the same units the throughput model prices.
 """
 
 from __future__ import annotations
@@ -38,9 +39,8 @@ def shard(model: nn.Module, optimizer: torch.optim.Optimizer, mode: str) -> nn.M
     twin = copy.deepcopy(model).to("meta")
     before = list(model.parameters())
     reshard = mode == "full"
-    for child in model.children():
-        if any(True for _ in child.parameters()):
-            fully_shard(child, reshard_after_forward=reshard)
+    for group in units(model):
+        fully_shard(group if len(group) > 1 else group[0], reshard_after_forward=reshard)
     fully_shard(model, reshard_after_forward=reshard)
     after = list(model.parameters())
     if len(after) != len(before):
@@ -49,6 +49,27 @@ def shard(model: nn.Module, optimizer: torch.optim.Optimizer, mode: str) -> nn.M
     for group in optimizer.param_groups:
         group["params"] = [moved.get(id(p), p) for p in group["params"]]
     return twin
+
+
+def units(model: nn.Module) -> list[list[nn.Module]]:
+    """The modules that hold parameters of their own, grouped by ``sharding_unit`` of their path, in
+    module order; a module inside another of the same unit is left to it (FSDP2 manages a module's
+    whole subtree). The root's own parameters stay with the root."""
+    from models.spec import sharding_unit
+
+    groups: dict[str, list[tuple[str, nn.Module]]] = {}
+    for name, mod in model.named_modules():
+        if not name or not any(True for _ in mod.parameters(recurse=False)):
+            continue
+        members = groups.setdefault(sharding_unit(name), [])
+        if not any(name.startswith(f"{m}.") for m, _ in members):
+            members.append((name, mod))
+    mods = dict(model.named_modules())
+    # a unit that is a module of its own (``blocks.3``) is wrapped as that module, else as a group
+    out = [[mods[key]] if key in mods else [m for _, m in g] for key, g in groups.items()]
+    # a unit nested in another unit's module is wrapped first, so the outer one leaves its parameters alone
+    depth = {id(m): n.count(".") for n, m in model.named_modules()}
+    return sorted(out, key=lambda g: -min(depth[id(m)] for m in g))
 
 
 def gathered(model: nn.Module, twin: nn.Module) -> nn.Module:

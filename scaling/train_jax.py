@@ -300,9 +300,11 @@ def _build_step(s: Session, graphdef: Any, tx: optax.GradientTransformation, los
         _, _, new_rest = nnx.split(model, nnx.Param, ...)
         return jnp.reshape(loss, ()).astype(jnp.float32), new_rest
 
-    def update(params: Any, rest: Any, opt_state: Any, batch: Any, reduce: Callable[[Any], Any]) -> tuple[Any, Any, Any, jax.Array]:
-        (loss, new_rest), grads = jax.value_and_grad(loss_of, has_aux=True)(params, rest, batch)
+    def update(params: Any, rest: Any, opt_state: Any, batch: Any, reduce: Callable[[Any], Any],
+               gather: Callable[[Any], Any] = lambda t: t, scatter: Callable[[Any], Any] = lambda t: t) -> tuple[Any, Any, Any, jax.Array]:
+        (loss, new_rest), grads = jax.value_and_grad(loss_of, has_aux=True)(gather(params), rest, batch)
         grads, loss = reduce((grads, loss))
+        grads = scatter(grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), new_rest, opt_state, loss
 
@@ -329,6 +331,10 @@ def _build_step(s: Session, graphdef: Any, tx: optax.GradientTransformation, los
 
     mesh = Mesh(np.array(devices), (AXIS,))
     rep, dat = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
+
+    def shardings(tree: Any, split: bool) -> Any:
+        return jax.tree.map(lambda a: NamedSharding(mesh, shard_spec(np.shape(a), len(devices)) if split else P()), tree)
+
     kind = step_kind()
     if kind == "shard_map":
         # the per-device step with explicit collectives: check_vma=False, or JAX's own psum of the
@@ -337,16 +343,23 @@ def _build_step(s: Session, graphdef: Any, tx: optax.GradientTransformation, los
         # (the zoo's batch norm pmeans its running statistics over the axis)
         body = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P(AXIS)), out_specs=(P(), P(), P(), P()),
                              check_vma=False)
-    else:
-        def body(params: Any, rest: Any, opt_state: Any, batch: Any) -> Any:
-            return update(params, rest, opt_state, batch, lambda t: t)  # global batch: XLA all-reduces
 
     mode = s.config.sharding
+    if kind != "shard_map":
+        ps_full = shardings(state[0], True) if mode == "full" and state else None
+
+        def body(params: Any, rest: Any, opt_state: Any, batch: Any) -> Any:
+            if ps_full is None:
+                return update(params, rest, opt_state, batch, lambda t: t)  # global batch: XLA all-reduces
+            # full: the FSDP pattern, stated rather than left to the partitioner (which may instead
+            # split the matmuls and reduce activations): gather the parameters whole for forward and
+            # backward, reduce the gradients back onto the parameters' shards
+            return update(params, rest, opt_state, batch, lambda t: t,
+                          gather=lambda t: lax.with_sharding_constraint(t, rep),
+                          scatter=lambda t: lax.with_sharding_constraint(t, ps_full))
+
     if mode != "none" and (kind != "jit" or state is None):
         raise UsageError(f"--sharding {mode} on jax-sharded runs the jit step: unset PODSCALE_JAX_STEP")
-
-    def shardings(tree: Any, split: bool) -> Any:
-        return jax.tree.map(lambda a: NamedSharding(mesh, shard_spec(np.shape(a), len(devices)) if split else P()), tree)
 
     ps = shardings(state[0], mode == "full") if mode != "none" and state else rep
     os_ = shardings(state[1], True) if mode != "none" and state else rep

@@ -45,3 +45,12 @@ def podscale(*args: str, env: dict[str, str] | None = None, timeout: float = 240
 @pytest.fixture
 def run_cli():
     return podscale
+
+
+def drop_newest_checkpoint(ck: Path) -> None:
+    """Leave the checkpoint at step 3 as the newest, as if the run had died after it."""
+    from scaling import checkpoint
+
+    ckpts = sorted(p for p in ck.iterdir() if checkpoint.PATTERN.match(p.name))
+    assert len(ckpts) == 2, ckpts  # --checkpoint-every 3 of 6 steps: 3 and the final 6
+    ckpts[-1].unlink()

@@ -2,8 +2,9 @@
 state on jax-sharded): the same SGD step as
 replicated data parallelism, with the training state split N ways, measured from the live tensors.
 
-The reference is one device with no sharding: the data-parallel tests already hold every N equal to
-it, so a sharded run at N that equals it is equal to the replicated run at N as well."""
+The reference is one device with no sharding (torch: the plain loop of ``tests/mlp_reference.py``;
+jax: a one-device run): the data-parallel tests already hold every N equal to it, so a sharded run
+at N that equals it is equal to the replicated run at N as well."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import podscale
+from tests.conftest import drop_newest_checkpoint, podscale
+from tests.mlp_reference import plain_loop, write_inputs
 
 pytestmark = pytest.mark.slow
 
@@ -28,18 +30,32 @@ def _run(tmp, name, *args):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """Combined runs (few of them: the budget is about a minute a framework): optimizer at 2; full
+    at 4 (checkpointing at 3); full at 2, resumed from the 4-rank checkpoint at step 3 (a reshard).
+    The reference is the plain single-process loop on the same data and initial parameters."""
     tmp = tmp_path_factory.mktemp("sharding")
-    out = {"ref": _run(tmp, "ref", "--devices", "1")}
-    for mode, n in (("optimizer", 2), ("full", 2), ("full", 4)):  # both modes, both counts, in 3 runs
-        out[(mode, n)] = _run(tmp, f"{mode}{n}", "--devices", str(n), "--sharding", mode)
+    inputs = write_inputs(tmp, 16, 64, 8, 80, seed=11)
+    files = ("--data", str(inputs / "data.npz"), "--init", str(inputs / "init.npz"))
+    out = {"ref": plain_loop(inputs, 6, 32, 0.01, "adam", "mean"),
+           ("optimizer", 2): _run(tmp, "optimizer2", *files, "--devices", "2", "--sharding", "optimizer")}
+    ck = tmp / "ck"
+    out[("full", 4)] = _run(tmp, "full4", *files, "--devices", "4", "--sharding", "full", "--checkpoint-dir", str(ck),
+                            "--checkpoint-every", "3")
+    drop_newest_checkpoint(ck)
+    out["resumed"] = _run(tmp, "resumed", *files, "--devices", "2", "--sharding", "full", "--checkpoint-dir", str(ck), "--resume")
+    out["ck"], out["files"] = ck, files
     return out
 
 
+def _sharded(runs):
+    return ((k, v) for k, v in runs.items() if isinstance(k, tuple))
+
+
 def test_sharded_steps_equal_one_device(runs):
-    ref, ref_params = runs["ref"]
-    for (mode, n), (r, params) in ((k, v) for k, v in runs.items() if k != "ref"):
+    ref_losses, ref_params = runs["ref"]
+    for (mode, n), (r, params) in _sharded(runs):
         assert r["sharding"] == mode and r["devices"] == n
-        np.testing.assert_allclose(r["losses"], ref["losses"], rtol=1e-5, err_msg=f"{mode} x {n}")
+        np.testing.assert_allclose(r["losses"], ref_losses, rtol=1e-5, err_msg=f"{mode} x {n}")
         assert sorted(params) == sorted(ref_params)
         for k in ref_params:
             np.testing.assert_allclose(params[k], ref_params[k], rtol=1e-5, atol=1e-7, err_msg=f"{mode} x {n}: {k}")
@@ -47,11 +63,9 @@ def test_sharded_steps_equal_one_device(runs):
 
 
 def test_state_bytes_per_device_shrink_as_one_over_n(runs):
-    ref = runs["ref"][0]["memory"]["per_rank"][0]
-    whole = {k: ref[k] for k in ("params_bytes", "grads_bytes", "optimizer_bytes")}
-    assert whole["params_bytes"] == 4 * (16 * 64 + 64 + 64 * 8 + 8)  # fp32, the mlp's own shapes
-    assert whole["grads_bytes"] == whole["params_bytes"] and whole["optimizer_bytes"] == 2 * whole["params_bytes"]  # adam: m, v
-    for (mode, n), (r, _) in ((k, v) for k, v in runs.items() if k != "ref"):
+    params = 4 * (16 * 64 + 64 + 64 * 8 + 8)  # fp32, the mlp's own shapes
+    whole = {"params_bytes": params, "grads_bytes": params, "optimizer_bytes": 2 * params}  # adam: m and v
+    for (mode, n), (r, _) in (*_sharded(runs), (("full", 2), runs["resumed"])):
         per_rank = r["memory"]["per_rank"]
         assert len(per_rank) == n
         for m in per_rank:
@@ -62,17 +76,17 @@ def test_state_bytes_per_device_shrink_as_one_over_n(runs):
         assert r["comm_bytes_per_step"] == [whole["params_bytes"] * (2 if mode == "optimizer" else 3)] * n
 
 
-def test_resume_on_another_device_count_reshards(runs, tmp_path):
-    ck = str(tmp_path / "ck")
-    straight, straight_params = runs[("full", 2)]  # uninterrupted, 6 steps at 2 ranks
-    podscale("run", *COMMON, "--devices", "4", "--sharding", "full", "--steps", "3", "--checkpoint-dir", ck, timeout=180)
-    resumed, resumed_params = _run(tmp_path, "resumed", "--devices", "2", "--sharding", "full", "--checkpoint-dir", ck, "--resume")
-    assert resumed["resumed_from_step"] == 3
-    np.testing.assert_allclose(resumed["losses"], straight["losses"], rtol=1e-5)
-    for k in straight_params:
-        np.testing.assert_allclose(resumed_params[k], straight_params[k], rtol=1e-5, atol=1e-7, err_msg=k)
+def test_resume_on_another_device_count_reshards(runs):
+    """Saved by 4 ranks at step 3, resumed by 2: steps 4-6 equal the uninterrupted reference's."""
+    ref_losses, ref_params = runs["ref"]
+    resumed, resumed_params = runs["resumed"]
+    assert resumed["resumed_from_step"] == 3 and resumed["devices"] == 2
+    np.testing.assert_allclose(resumed["losses"], ref_losses, rtol=1e-5)
+    for k in ref_params:
+        np.testing.assert_allclose(resumed_params[k], ref_params[k], rtol=1e-5, atol=1e-7, err_msg=k)
     # a replicated run cannot continue a sharded checkpoint (its optimizer state is keyed otherwise)
-    p = podscale("run", *COMMON, "--devices", "2", "--checkpoint-dir", ck, "--resume", check=False, timeout=120)
+    p = podscale("run", *COMMON, *runs["files"], "--devices", "1", "--checkpoint-dir", str(runs["ck"]), "--resume", check=False,
+                 timeout=120)
     assert p.returncode == 2 and "written with --sharding full" in p.stderr.strip().splitlines()[-1], p.stderr
 
 
@@ -90,10 +104,19 @@ def test_sharding_bad_input_is_one_line(args, words):
 
 @pytest.fixture(scope="module")
 def jax_runs(tmp_path_factory):
+    """The reference; optimizer at 4; full at 8; full on 2 processes x 2 devices (checkpointing at 3,
+    the processes assembling the sharded state together); full on 1 process x 2 devices, resumed
+    from it at step 3."""
     tmp = tmp_path_factory.mktemp("sharding-jax")
-    out = {"ref": _run(tmp, "ref", "--backend", "jax-sharded", "--devices", "1")}
-    for mode, n in (("full", 2), ("optimizer", 4), ("full", 8)):
-        out[(mode, n)] = _run(tmp, f"{mode}{n}", "--backend", "jax-sharded", "--devices", str(n), "--sharding", mode)
+    jax = ("--backend", "jax-sharded")
+    out = {"ref": _run(tmp, "ref", *jax, "--devices", "1")}
+    for mode, n in (("optimizer", 4), ("full", 8)):
+        out[(mode, n)] = _run(tmp, f"{mode}{n}", *jax, "--devices", str(n), "--sharding", mode)
+    ck = tmp / "ck"
+    out[("full", "2x2")] = _run(tmp, "full2x2", *jax, "--devices", "4", "--processes", "2", "--sharding", "full",
+                                "--checkpoint-dir", str(ck), "--checkpoint-every", "3")
+    drop_newest_checkpoint(ck)
+    out["resumed"] = _run(tmp, "resumed", *jax, "--devices", "2", "--sharding", "full", "--checkpoint-dir", str(ck), "--resume")
     return out
 
 
@@ -101,42 +124,35 @@ def test_jax_sharded_steps_equal_one_device_with_state_split_n_ways(jax_runs):
     ref, ref_params = jax_runs["ref"]
     whole = ref["memory"]["per_device"][0]
     assert whole["params_bytes"] == 4 * (16 * 64 + 64 + 64 * 8 + 8)
-    for (mode, n), (r, params) in ((k, v) for k, v in jax_runs.items() if k != "ref"):
+    for (mode, n), (r, params) in (*_sharded(jax_runs), (("full", 2), jax_runs["resumed"])):
         assert r["sharding"] == mode and r["replicas_identical"]
         np.testing.assert_allclose(r["losses"], ref["losses"], rtol=1e-5, err_msg=f"{mode} x {n}")
         for k in ref_params:
             np.testing.assert_allclose(params[k], ref_params[k], rtol=1e-5, atol=1e-7, err_msg=f"{mode} x {n}: {k}")
         per = r["memory"]["per_device"]
+        devices = 4 if n == "2x2" else n
+        assert r["devices"] == devices
+        if n == "2x2":
+            continue  # each process reports its own devices
         assert len(per) == n
         for d in per:
             # every array here has a dimension divisible by N: exactly 1/N each (adam's step count,
             # a scalar, stays whole on every device)
             assert d["params_bytes"] == (whole["params_bytes"] // n if mode == "full" else whole["params_bytes"]), (mode, n, d)
             assert d["optimizer_bytes"] == (whole["optimizer_bytes"] - 4) // n + 4, (mode, n, d)
-        # XLA gathers what it shards: the compiled step all-gathers (on CPU it lowers the gradient
-        # reduce-scatter as an all-reduce, so only the gathers are asserted by kind)
-        assert r["collective_bytes_per_step"]["all-gather"] > 0, r["collective_bytes_per_step"]
-        if mode == "optimizer":  # the gradients all-reduced whole (+ the 4-byte loss), the updated parameters gathered whole
-            assert r["collective_bytes_per_step"] == {"all-reduce": whole["params_bytes"] + 4, "all-gather": whole["params_bytes"],
-                                                      "reduce-scatter": 0}, r["collective_bytes_per_step"]
+        # the compiled step, both modes: the parameters all-gathered whole once (full: before
+        # forward, kept through backward inside the one program; optimizer: the updated shards), the
+        # gradients reduced onto the shards (+ the 4-byte loss). XLA:CPU lowers that reduce-scatter
+        # as an all-reduce followed by a slice, so here it counts as all-reduce bytes
+        assert r["collective_bytes_per_step"] == {"all-reduce": whole["params_bytes"] + 4, "all-gather": whole["params_bytes"],
+                                                  "reduce-scatter": 0}, (mode, n, r["collective_bytes_per_step"])
 
 
-def test_jax_sharded_resume_on_another_device_count(jax_runs, tmp_path):
-    """Saved by 2 processes x 2 devices (the processes assemble the sharded state together),
-    resumed by 1 process with 2 devices."""
-    common = ("--backend", "jax-sharded", "--sharding", "full")
-    straight, straight_params = jax_runs[("full", 2)]  # uninterrupted, 6 steps on 2 devices
-    ck = str(tmp_path / "ck")
-    podscale("run", *COMMON, *common, "--devices", "4", "--processes", "2", "--steps", "3", "--checkpoint-dir", ck,
-             "--json", str(tmp_path / "first.json"), timeout=180)
-    first = json.loads((tmp_path / "first.json").read_text())
-    assert first["replicas_identical"]
-    np.testing.assert_allclose(first["losses"], straight["losses"][:3], rtol=1e-5)
-    resumed, resumed_params = _run(tmp_path, "resumed", *common, "--devices", "2", "--checkpoint-dir", ck, "--resume")
-    assert resumed["resumed_from_step"] == 3
-    np.testing.assert_allclose(resumed["losses"], straight["losses"], rtol=1e-5)
-    for k in straight_params:
-        np.testing.assert_allclose(resumed_params[k], straight_params[k], rtol=1e-5, atol=1e-7, err_msg=k)
+def test_jax_sharded_resume_on_another_device_count(jax_runs):
+    """Saved by 2 processes x 2 devices at step 3, resumed by 1 process with 2 devices."""
+    resumed = jax_runs["resumed"][0]
+    assert resumed["resumed_from_step"] == 3 and resumed["devices"] == 2
+    assert jax_runs[("full", "2x2")][0]["processes"] == 2  # equal to the reference: see the test above
 
 
 @pytest.mark.parametrize("script, backend", [("digits_cnn.py", "torch-ddp"), ("digits_cnn_jax.py", "jax-sharded")])
@@ -162,7 +178,7 @@ def test_predicted_state_bytes_equal_the_measured_ones(runs, jax_runs):
     from scaling.throughput.memory import per_device
 
     spec = get_spec("mlp", d_in=16, hidden=64, d_out=8)
-    for (mode, n), (r, _) in ((k, v) for k, v in runs.items() if k != "ref"):
+    for (mode, n), (r, _) in _sharded(runs):
         pred = per_device(spec.param_count, spec.activations_per_sample, 32 / n, n, mode, "adam")
         got = r["memory"]["per_rank"][0]
         assert (got["grads_bytes"], got["optimizer_bytes"]) == (pred.grads_bytes, pred.optimizer_bytes), (mode, n)
@@ -170,7 +186,7 @@ def test_predicted_state_bytes_equal_the_measured_ones(runs, jax_runs):
         # peak (whole under optimizer), so only full's at-rest bytes are the predicted ones
         if mode == "full":
             assert got["params_bytes"] == pred.params_bytes
-    for (mode, n), (r, _) in ((k, v) for k, v in jax_runs.items() if k != "ref"):
+    for (mode, n), (r, _) in ((k, v) for k, v in _sharded(jax_runs) if k[1] != "2x2"):
         pred = per_device(spec.param_count, spec.activations_per_sample, 32 / n, n, mode, "adam")
         got = r["memory"]["per_device"][0]
         assert got["params_bytes"] == pred.params_bytes and got["optimizer_bytes"] - 4 == pred.optimizer_bytes, (mode, n)
@@ -195,13 +211,49 @@ def test_throughput_model_prices_the_sharded_collectives_by_its_stated_rule():
     from scaling.throughput import catalog, estimate
     from scaling.throughput.collectives import allreduce_time
 
-    wl, hw, n, gb = estimate.workload("gpt2-xl"), catalog.get("a100-sxm4"), 8, 64
-    none, opt, full = (estimate.predict_step(wl, hw.id, n, gb, sharding=m) for m in ("none", "optimizer", "full"))
-    ar = allreduce_time(wl.grad_bytes, n, hw)  # the closed form, straight from the catalog's collectives
-    # collective time, hidden or not: 2 gathers + 1 reduce-scatter (full), 1 + 1 (optimizer), at half an all-reduce each
-    assert opt.allreduce_s == pytest.approx(ar) and full.allreduce_s == pytest.approx(1.5 * ar)
-    units = sum(1 for w in wl.roofline_works() if w.params)
-    assert full.comm_s >= ar / 2 / units * (1 - 1e-9)  # exposed: the first unit's gather is never hidden
-    assert full.step_time_s >= opt.step_time_s  # one more gather per step, the same compute
-    one = estimate.predict_step(wl, hw.id, 1, gb / n, sharding="full")
-    assert one.allreduce_s == 0 and one.step_time_s == pytest.approx(estimate.predict_step(wl, hw.id, 1, gb / n).step_time_s)
+    hw, n = catalog.get("a100-sxm4"), 8
+    # two units, fc1 and fc2, of the MLP's own shapes (fp32); a gather or a reduce-scatter is half a ring all-reduce
+    d_in, h, d_out = 1024, 4096, 512
+    b1, b2 = 4 * (d_in * h + h), 4 * (h * d_out + d_out)
+    half = (allreduce_time(b1, n, hw) + allreduce_time(b2, n, hw)) / 2
+    spec = estimate.workload(__import__("models.spec", fromlist=["get_spec"]).get_spec("mlp", d_in=d_in, hidden=h, d_out=d_out))
+    for gb in (8, 2**16):  # communication-bound, then compute-bound
+        full, opt = (estimate.predict_step(spec, hw.id, n, gb, sharding=m) for m in ("full", "optimizer"))
+        assert full.allreduce_s == pytest.approx(3 * half) and opt.allreduce_s == pytest.approx(2 * half)
+        for e in (full, opt):
+            first_gather = allreduce_time(b1, n, hw) / 2  # issued at the step's start: nothing hides it
+            assert e.comm_s >= max(first_gather, (1 - 0.3) * e.allreduce_s) * (1 - 1e-9)
+            assert e.comm_s <= e.allreduce_s * (1 + 1e-9)
+    # compute-bound: all but the contention cap hides behind compute
+    assert full.comm_s == pytest.approx(0.7 * full.allreduce_s)
+    # communication-bound (tiny batch): the link is the step, so nearly all of it is exposed
+    tiny = estimate.predict_step(spec, hw.id, n, 8, sharding="full")
+    assert tiny.comm_s >= 0.9 * tiny.allreduce_s
+    # per-unit latency: a deep model pays (N-1) hops per gather and per reduce-scatter of each block
+    wl = estimate.workload("gpt2-xl")
+    none, full = (estimate.predict_step(wl, hw.id, n, 64, sharding=m) for m in ("none", "full"))
+    assert full.allreduce_s > none.allreduce_s and full.comm_s > none.comm_s  # 1.5x the bytes of an all-reduce
+    assert full.compute_s < none.compute_s  # each device updates 1/N of the optimizer state
+    one = estimate.predict_step(wl, hw.id, 1, 8, sharding="full")
+    assert one.allreduce_s == 0 and one.step_time_s == pytest.approx(estimate.predict_step(wl, hw.id, 1, 8).step_time_s)
+
+
+def test_fsdp_units_are_the_units_the_throughput_model_prices():
+    """torch's FSDP2 groups and the predictor's units come from one rule (``sharding_unit``): the
+    same blocks, holding the same parameters."""
+    from models.spec import get_spec
+    from models.torch import build
+    from scaling.sharding_torch import units
+    from scaling.throughput import estimate, roofline
+
+    for name, opts in (("resnet18", {"image_size": 32, "small": True}), ("vgg16", {"image_size": 32}), ("gpt-tiny", {})):
+        spec = get_spec(name, **opts)
+        groups = units(build(spec, spec.init_params(0)))
+        works = estimate.workload(spec).roofline_works()
+        priced = roofline.units(works, [0.0] * len(works), [0.0] * len(works), 4.0 * spec.param_count)
+        assert len(groups) == len(priced), (name, len(groups), [u.name for u in priced])
+        if name != "gpt-tiny":  # (gpt's position table is a root parameter in torch, part of the embedding unit in the spec)
+            held = sorted(sum(p.numel() for m in g for p in m.parameters()) for g in groups)
+            assert held == sorted(round(u.grad_bytes / 4) for u in priced), name
+    blocks = [u.name for u in priced]
+    assert blocks == ["embed", "h0", "h1", "ln_f", "head"]  # one unit per transformer block

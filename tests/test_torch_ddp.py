@@ -1,7 +1,8 @@
 """torch-ddp end to end: data-parallel equivalence against a hand-written single-process loop.
 
-The reference below shares no code with podscale: it reads the same .npz files and applies the
-textbook update, so a bug in podscale's sharding, loss scaling or optimizer wiring shows up here.
+The reference (``tests/mlp_reference.py``) shares no code with podscale: it reads the same .npz
+files and applies the textbook update, so a bug in podscale's batch split, loss scaling or
+optimizer wiring shows up here.
 """
 
 from __future__ import annotations
@@ -11,46 +12,20 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from tests.conftest import podscale
+from tests.mlp_reference import plain_loop, write_inputs
 
 D_IN, H, D_OUT = 20, 16, 3
 GLOBAL_BATCH, STEPS, N_SAMPLES = 32, 6, 80
 
 
 def _write_inputs(tmp_path):
-    rng = np.random.default_rng(123)
-    x = rng.standard_normal((N_SAMPLES, D_IN)).astype(np.float32)
-    y = rng.standard_normal((N_SAMPLES, D_OUT)).astype(np.float32)
-    init = {
-        "w1": (rng.standard_normal((D_IN, H)) * 0.3).astype(np.float32),
-        "b1": (rng.standard_normal(H) * 0.1).astype(np.float32),
-        "w2": (rng.standard_normal((H, D_OUT)) * 0.3).astype(np.float32),
-        "b2": (rng.standard_normal(D_OUT) * 0.1).astype(np.float32),
-    }
-    np.savez(tmp_path / "data.npz", x=x, y=y)
-    np.savez(tmp_path / "init.npz", **init)
-    return x, y, init
+    write_inputs(tmp_path, D_IN, H, D_OUT, N_SAMPLES, seed=123)
 
 
-def reference(x, y, init, steps, lr, optimizer, reduction):
-    """Plain single-process loop: global batch s is samples (s*B + i) mod n, i < B."""
-    p = {k: torch.tensor(v, dtype=torch.float32, requires_grad=True) for k, v in init.items()}
-    opt = torch.optim.Adam(p.values(), lr=lr) if optimizer == "adam" else torch.optim.SGD(p.values(), lr=lr)
-    xs, ys = torch.from_numpy(x), torch.from_numpy(y)
-    losses = []
-    for s in range(steps):
-        idx = (torch.arange(GLOBAL_BATCH) + s * GLOBAL_BATCH) % len(xs)
-        xb, yb = xs[idx], ys[idx]
-        pred = (xb @ p["w1"] + p["b1"]).clamp(min=0) @ p["w2"] + p["b2"]
-        err = ((pred - yb) ** 2).sum()
-        loss = err / (GLOBAL_BATCH * D_OUT) if reduction == "mean" else err
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses, {k: v.detach().numpy() for k, v in p.items()}
+def reference(steps, lr, optimizer, reduction, inputs):
+    return plain_loop(inputs, steps, GLOBAL_BATCH, lr, optimizer, reduction)
 
 
 def _run(tmp_path, devices, optimizer, reduction, extra=()):
@@ -70,8 +45,8 @@ def _run(tmp_path, devices, optimizer, reduction, extra=()):
 @pytest.mark.parametrize("devices", [1, 2, 4, 8])
 @pytest.mark.parametrize("optimizer,reduction", [("sgd", "mean"), ("adam", "sum")])
 def test_data_parallel_equivalence(tmp_path, devices, optimizer, reduction):
-    x, y, init = _write_inputs(tmp_path)
-    ref_losses, ref_params = reference(x, y, init, STEPS, 0.01, optimizer, reduction)
+    _write_inputs(tmp_path)
+    ref_losses, ref_params = reference(STEPS, 0.01, optimizer, reduction, tmp_path)
     res, params = _run(tmp_path, devices, optimizer, reduction)
     assert res["devices"] == devices and res["processes"] == devices
     np.testing.assert_allclose(res["losses"], ref_losses, rtol=1e-5)

@@ -202,8 +202,11 @@ def predict_step(model_spec: Any, hw_id: str, devices: int, global_batch: float,
     def ar(b: float) -> float:
         return allreduce_time(b, devices, hw, algorithm, slices)
 
-    parts = step_parts(wl.roofline_works(), global_batch / devices, rates, wl.grad_bytes, ar, compute.OVERLAP_HIDDEN.value)
-    parts = sharded_parts(parts, wl.roofline_works(), wl.grad_bytes, ar, sharding, devices)
+    works, batch, hidden = wl.roofline_works(), global_batch / devices, compute.OVERLAP_HIDDEN.value
+    if sharding == "none" or devices == 1:
+        parts = step_parts(works, batch, rates, wl.grad_bytes, ar, hidden)
+    else:
+        parts = sharded_parts(works, batch, rates, wl.grad_bytes, ar, hidden, sharding, devices)
     step = parts.step_s
     peak = dev_peak * devices
     notes = []
@@ -218,7 +221,7 @@ def predict_step(model_spec: Any, hw_id: str, devices: int, global_batch: float,
     basis = (f"roofline: {unit} at {frac.value:g} of peak ({frac.basis}), memory at "
              f"{compute.memory_fraction(hw).value:g} of bandwidth; all-reduce {'torus' if hw.ici_link_bw else 'by node topology'}, "
              f"bucketed behind backward" if sharding == "none" or devices == 1 else
-             f"sharded ({sharding}): all-gathers and reduce-scatter prefetched behind forward/backward")
+             f"sharded ({sharding}): per-unit all-gathers and reduce-scatters, prefetched one unit ahead")
     return Estimate(wl.name, hw.id, devices, global_batch, dtype, backend, step, parts.compute_s, parts.exposed_comm_s,
                     parts.allreduce_s, 0.0, global_batch / step, flops, flops / step, peak, key, flops / step / peak,
                     frac.value, 1.0 - (parts.exposed_comm_s / parts.allreduce_s if parts.allreduce_s else 0.0), basis,

@@ -127,25 +127,36 @@ def _piece(flops: float, elems: float, weight_bytes: float, kernels: int, r: Rat
     return max(tc, tm) + kernels * r.launch_s, tm > tc
 
 
-def step_parts(works: Sequence[LayerWork], batch: float, r: Rates, grad_bytes: float,
-               allreduce: Callable[[float], float], hidden: float, bucket_bytes: float = BUCKET_BYTES) -> StepParts:
-    """One device's step for ``batch`` samples, with the all-reduce bucketed behind backward."""
-    fwd = bwd = mem = launches = 0.0
-    bwd_times: list[float] = []
+def _layer_times(works: Sequence[LayerWork], batch: float, r: Rates) -> tuple[list[float], list[float], float, float]:
+    """Each layer's forward and backward piece, the memory-bound time among them, and the launches."""
+    fwd: list[float] = []
+    bwd: list[float] = []
+    mem = launches = 0.0
     for w in works:
         t, mb = _piece(batch * w.fwd_flops, batch * w.fwd_elems, w.params * r.weight_bytes if w.matmul else 0.0,
                        w.fwd_kernels, r)
-        fwd += t
+        fwd.append(t)
         mem += t if mb else 0.0
         t, mb = _piece(batch * w.bwd_flops, batch * w.bwd_elems, 2 * w.params * r.weight_bytes if w.matmul else 0.0,
                        w.bwd_kernels, r)
-        bwd += t
+        bwd.append(t)
         mem += t if mb else 0.0
-        bwd_times.append(t)
         launches += (w.fwd_kernels + w.bwd_kernels) * r.launch_s
+    return fwd, bwd, mem, launches
+
+
+def _optimizer_s(works: Sequence[LayerWork], grad_bytes: float, r: Rates) -> float:
+    params = sum(w.params for w in works) or grad_bytes / r.weight_bytes  # a measured workload may know only its gradient bytes
+    return OPTIMIZER_BYTES_PER_PARAM * params / r.mem_bw + r.launch_s
+
+
+def step_parts(works: Sequence[LayerWork], batch: float, r: Rates, grad_bytes: float,
+               allreduce: Callable[[float], float], hidden: float, bucket_bytes: float = BUCKET_BYTES) -> StepParts:
+    """One device's step for ``batch`` samples, with the all-reduce bucketed behind backward."""
+    fwd_t, bwd_times, mem, launches = _layer_times(works, batch, r)
+    fwd, bwd = sum(fwd_t), sum(bwd_times)
     layer_params = sum(w.params for w in works)
-    params = layer_params or grad_bytes / r.weight_bytes  # a measured workload may know only its gradient bytes
-    opt = OPTIMIZER_BYTES_PER_PARAM * params / r.mem_bw + r.launch_s
+    opt = _optimizer_s(works, grad_bytes, r)
     # bucketed all-reduce behind backward (last layer first); no per-layer parameters: one bucket at the end
     per_param = grad_bytes / layer_params if layer_params else 0.0
     clock = link_free = bucket = 0.0
@@ -168,24 +179,90 @@ def step_parts(works: Sequence[LayerWork], batch: float, r: Rates, grad_bytes: f
     return StepParts(fwd, bwd, opt, mem, launches + r.launch_s, total_ar, exposed)
 
 
-def sharded_parts(parts: StepParts, works: Sequence[LayerWork], grad_bytes: float, allreduce: Callable[[float], float],
-                  mode: str, n: int) -> StepParts:
-    """The step with the state sharded N ways (``--sharding``), by one stated rule:
+@dataclass(frozen=True)
+class Unit:
+    """Consecutive layers sharded together (``models.spec.sharding_unit``): one all-gather of their
+    parameters, one reduce-scatter of their gradients."""
 
-    - an all-gather or a reduce-scatter of the whole model costs half its ring all-reduce (a ring
-      all-reduce is exactly one reduce-scatter then one all-gather);
-    - ``full`` all-gathers the parameters for forward and again for backward and reduce-scatters
-      the gradients; ``optimizer`` gathers once (kept through backward) and reduce-scatters;
-    - prefetch: the forward's gathers hide behind forward compute, the backward's gathers and
-      reduce-scatters behind backward compute; what exceeds either is exposed, plus the first
-      unit's gather, which nothing precedes (units: the layers that hold parameters);
+    name: str
+    forward_s: float
+    backward_s: float
+    grad_bytes: float
+
+
+def units(works: Sequence[LayerWork], fwd: Sequence[float], bwd: Sequence[float], grad_bytes: float) -> list[Unit]:
+    """Layers grouped into sharding units, in forward order; a layer without parameters joins the
+    unit it runs in (by name), or the one before it."""
+    from models.spec import sharding_unit
+
+    layer_params = sum(w.params for w in works)
+    per_param = grad_bytes / layer_params if layer_params else 0.0
+    out: list[list[Any]] = []
+    for w, f, b in zip(works, fwd, bwd):
+        key = sharding_unit(w.name)
+        if out and (out[-1][0] == key or not w.params):
+            out[-1][1] += f
+            out[-1][2] += b
+            out[-1][3] += w.params * per_param
+        else:
+            out.append([key, f, b, w.params * per_param])
+    if not layer_params and out:  # no per-layer parameters: the state spread evenly
+        for u in out:
+            u[3] = grad_bytes / len(out)
+    return [Unit(*u) for u in out]
+
+
+def sharded_parts(works: Sequence[LayerWork], batch: float, r: Rates, grad_bytes: float,
+                  allreduce: Callable[[float], float], hidden: float, mode: str, n: int) -> StepParts:
+    """One device's step with the state sharded N ways (``--sharding``), unit by unit, by one stated rule:
+
+    - an all-gather or a reduce-scatter of B bytes costs half a ring all-reduce of B on the same
+      topology (a ring all-reduce is exactly one reduce-scatter then one all-gather: (N-1) latency
+      hops and (N-1)/N x B over the link);
+    - ``full`` all-gathers each unit's parameters before its forward and again before its backward,
+      and reduce-scatters its gradients after its backward; ``optimizer`` gathers once (kept through
+      backward) and reduce-scatters;
+    - prefetch, one unit ahead (FSDP2's default): a unit's gather is issued when the unit before it
+      starts computing (the first unit's at the step's start, so nothing hides it); the link runs
+      one collective at a time in the order they are issued (in backward: the next unit's gather,
+      then this unit's reduce-scatter once its backward ends); a unit computes once its gather is done;
+    - the same contention cap as the replicated step: at most ``hidden`` of the collectives' time
+      hides behind compute;
     - the optimizer updates 1/N of the state on each device."""
-    if mode == "none" or n <= 1:
-        return parts
-    half = allreduce(grad_bytes) / 2.0
-    fwd_comm = half
-    bwd_comm = half + (half if mode == "full" else 0.0)
-    units = max(1, sum(1 for w in works if w.params))
-    exposed = max(0.0, fwd_comm - parts.forward_s) + max(0.0, bwd_comm - parts.backward_s) + half / units
-    return StepParts(parts.forward_s, parts.backward_s, parts.optimizer_s / n, parts.memory_bound_s, parts.launch_s,
-                     fwd_comm + bwd_comm, exposed)
+    if mode not in ("optimizer", "full"):
+        raise ValueError(f"sharded_parts: mode {mode!r}")
+    fwd_t, bwd_t, mem, launches = _layer_times(works, batch, r)
+    us = units(works, fwd_t, bwd_t, grad_bytes)
+    half = [allreduce(u.grad_bytes) / 2.0 for u in us]
+    link = clock = 0.0
+    total = 0.0
+
+    def collective(ready: float, k: int) -> float:
+        nonlocal link, total
+        link = max(link, ready) + half[k]
+        total += half[k]
+        return link
+
+    # forward, first unit first: gather k is issued when unit k-1 starts
+    gathered = collective(0.0, 0)
+    for k, u in enumerate(us):
+        start = max(clock, gathered)
+        if k + 1 < len(us):
+            gathered = collective(start, k + 1)
+        clock = start + u.forward_s
+    forward_end = clock
+    # backward, last unit first
+    order = list(reversed(range(len(us))))
+    gathered = collective(forward_end, order[0]) if mode == "full" else forward_end
+    scattered = forward_end
+    for i, k in enumerate(order):
+        start = max(clock, gathered)
+        if mode == "full" and i + 1 < len(order):
+            gathered = collective(start, order[i + 1])
+        clock = start + us[k].backward_s
+        scattered = collective(clock, k)
+    end = max(clock, scattered)
+    compute_fwd, compute_bwd = sum(fwd_t), sum(bwd_t)
+    exposed = max(end - compute_fwd - compute_bwd, (1.0 - hidden) * total, 0.0)
+    return StepParts(compute_fwd, compute_bwd, _optimizer_s(works, grad_bytes, r) / n, mem, launches + r.launch_s,
+                     total, exposed)

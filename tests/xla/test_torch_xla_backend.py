@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from models.spec import get_spec
 from scaling.backends import xla_hlo
+from tests.mlp_reference import plain_loop, write_inputs
 from tests.conftest import podscale
 
 D_IN, H, D_OUT = 20, 16, 3
@@ -30,15 +30,7 @@ SPEC = get_spec("mlp", d_in=D_IN, hidden=H, d_out=D_OUT)
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("xla-inputs")
-    rng = np.random.default_rng(7)
-    np.savez(d / "data.npz", x=rng.standard_normal((N_SAMPLES, D_IN)).astype(np.float32),
-             y=rng.standard_normal((N_SAMPLES, D_OUT)).astype(np.float32))
-    np.savez(d / "init.npz", w1=(rng.standard_normal((D_IN, H)) * 0.3).astype(np.float32),
-             b1=(rng.standard_normal(H) * 0.1).astype(np.float32),
-             w2=(rng.standard_normal((H, D_OUT)) * 0.3).astype(np.float32),
-             b2=(rng.standard_normal(D_OUT) * 0.1).astype(np.float32))
-    return d
+    return write_inputs(tmp_path_factory.mktemp("xla-inputs"), D_IN, H, D_OUT, N_SAMPLES, seed=7)
 
 
 class Runs:
@@ -73,22 +65,7 @@ def runs(inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs:
 
 def reference(inputs: Path, optimizer: str, reduction: str, lr: float) -> tuple[list[float], dict[str, np.ndarray]]:
     """One process, one device, the whole global batch: relu MLP, squared error."""
-    with np.load(inputs / "data.npz") as z:
-        x, y = torch.from_numpy(z["x"]), torch.from_numpy(z["y"])
-    with np.load(inputs / "init.npz") as z:
-        p = {k: torch.tensor(z[k], requires_grad=True) for k in z.files}
-    opt = torch.optim.Adam(p.values(), lr=lr) if optimizer == "adam" else torch.optim.SGD(p.values(), lr=lr)
-    losses = []
-    for s in range(STEPS):
-        idx = (torch.arange(GLOBAL_BATCH) + s * GLOBAL_BATCH) % N_SAMPLES
-        out = (x[idx] @ p["w1"] + p["b1"]).clamp(min=0) @ p["w2"] + p["b2"]
-        err = ((out - y[idx]) ** 2).sum()
-        loss = err / out.numel() if reduction == "mean" else err
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses, {k: v.detach().numpy() for k, v in p.items()}
+    return plain_loop(inputs, STEPS, GLOBAL_BATCH, lr, optimizer, reduction)
 
 
 @pytest.mark.xla
