@@ -6,6 +6,7 @@ optimizer wiring shows up as a difference."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -42,3 +43,23 @@ def plain_loop(inputs: Path, steps: int, global_batch: int, lr: float, optimizer
         opt.step()
         losses.append(loss.item())
     return losses, {k: v.detach().numpy() for k, v in p.items()}
+
+
+def sharded_runs(tmp: Path, run: Callable[..., Any]) -> dict[Any, Any]:
+    """The sharding tests' combined runs of one backend (``run(tmp, name, *flags)`` returns its
+    result and parameters): optimizer at 2; full at 4, checkpointing at 3 of 6 steps; full at 2,
+    resumed from the 4-device checkpoint at step 3 (a reshard), after the final checkpoint is
+    dropped as if the run had died after step 3. The reference: this module's plain loop."""
+    inputs = write_inputs(tmp, 16, 64, 8, 80, seed=11)
+    files = ("--data", str(inputs / "data.npz"), "--init", str(inputs / "init.npz"))
+    out: dict[Any, Any] = {"ref": plain_loop(inputs, 6, 32, 0.01, "adam", "mean"),
+                           ("optimizer", 2): run(tmp, "optimizer2", *files, "--devices", "2", "--sharding", "optimizer")}
+    ck = tmp / "ck"
+    out[("full", 4)] = run(tmp, "full4", *files, "--devices", "4", "--sharding", "full", "--checkpoint-dir", str(ck),
+                           "--checkpoint-every", "3")
+    from tests.conftest import drop_newest_checkpoint
+
+    drop_newest_checkpoint(ck)
+    out["resumed"] = run(tmp, "resumed", *files, "--devices", "2", "--sharding", "full", "--checkpoint-dir", str(ck), "--resume")
+    out["ck"], out["files"] = ck, files
+    return out

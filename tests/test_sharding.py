@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import drop_newest_checkpoint, podscale
-from tests.mlp_reference import plain_loop, write_inputs
+from tests.mlp_reference import sharded_runs
 
 pytestmark = pytest.mark.slow
 
@@ -30,21 +30,8 @@ def _run(tmp, name, *args):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Combined runs (few of them: the budget is about a minute a framework): optimizer at 2; full
-    at 4 (checkpointing at 3); full at 2, resumed from the 4-rank checkpoint at step 3 (a reshard).
-    The reference is the plain single-process loop on the same data and initial parameters."""
-    tmp = tmp_path_factory.mktemp("sharding")
-    inputs = write_inputs(tmp, 16, 64, 8, 80, seed=11)
-    files = ("--data", str(inputs / "data.npz"), "--init", str(inputs / "init.npz"))
-    out = {"ref": plain_loop(inputs, 6, 32, 0.01, "adam", "mean"),
-           ("optimizer", 2): _run(tmp, "optimizer2", *files, "--devices", "2", "--sharding", "optimizer")}
-    ck = tmp / "ck"
-    out[("full", 4)] = _run(tmp, "full4", *files, "--devices", "4", "--sharding", "full", "--checkpoint-dir", str(ck),
-                            "--checkpoint-every", "3")
-    drop_newest_checkpoint(ck)
-    out["resumed"] = _run(tmp, "resumed", *files, "--devices", "2", "--sharding", "full", "--checkpoint-dir", str(ck), "--resume")
-    out["ck"], out["files"] = ck, files
-    return out
+    """Combined runs, few of them (``tests.mlp_reference.sharded_runs``)."""
+    return sharded_runs(tmp_path_factory.mktemp("sharding"), _run)
 
 
 def _sharded(runs):

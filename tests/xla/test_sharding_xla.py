@@ -10,8 +10,8 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import drop_newest_checkpoint, podscale
-from tests.mlp_reference import plain_loop, write_inputs
+from tests.conftest import podscale
+from tests.mlp_reference import sharded_runs
 
 # every first dimension divisible by 4: exactly 1/N per device
 MODEL = ("--model-opt", "d_in=16", "--model-opt", "hidden=64", "--model-opt", "d_out=8")
@@ -28,19 +28,8 @@ def _run(tmp, name, *args):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Combined: optimizer at 2; full at 4 (checkpointing at 3); full at 2, resumed from the
-    4-device checkpoint at step 3 (a reshard). The reference: the plain loop of tests/mlp_reference.py."""
-    tmp = tmp_path_factory.mktemp("sharding-xla")
-    inputs = write_inputs(tmp, 16, 64, 8, 80, seed=11)
-    files = ("--data", str(inputs / "data.npz"), "--init", str(inputs / "init.npz"))
-    out = {"ref": plain_loop(inputs, 6, 32, 0.01, "adam", "mean"),
-           ("optimizer", 2): _run(tmp, "optimizer2", *files, "--devices", "2", "--sharding", "optimizer")}
-    ck = tmp / "ck"
-    out[("full", 4)] = _run(tmp, "full4", *files, "--devices", "4", "--sharding", "full", "--checkpoint-dir", str(ck),
-                            "--checkpoint-every", "3")
-    drop_newest_checkpoint(ck)
-    out["resumed"] = _run(tmp, "resumed", *files, "--devices", "2", "--sharding", "full", "--checkpoint-dir", str(ck), "--resume")
-    return out
+    """Combined runs, few of them (``tests.mlp_reference.sharded_runs``)."""
+    return sharded_runs(tmp_path_factory.mktemp("sharding-xla"), _run)
 
 
 def test_sharded_spmd_equals_one_device_with_the_state_split(runs):
