@@ -99,6 +99,9 @@ def main_launch(args: argparse.Namespace) -> int:
     out = launch(req, echo)
     from scaling.run import write_outputs
 
+    for i, r in enumerate(out.result.get("restarts") or [], 1):  # shown even with --quiet: the run was not clean
+        print(f"podscale: restart {i}: on node {r['node']}: {r['cause']}; went on from checkpoint step {r['step']}",
+              file=sys.stderr, flush=True)
     write_outputs(out.result, cfg)
     if cfg.params_out and out.params_npz is not None:
         from scaling.checkpoint import write_atomic

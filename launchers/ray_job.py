@@ -4,7 +4,9 @@ It runs where Ray puts the job's driver (usually the head node), so its results 
 path on the user's machine: they come back as marked lines in the job's log, which the client
 reads through the Jobs API. One line each, so a log streamed from any node carries them whole:
 
-- ``PODSCALE_RESULT_JSON {...}``: the result JSON, the same keys as ``podscale run --json``;
+- ``PODSCALE_RESULT_JSON {...}``: the result JSON, the keys of ``podscale run --json`` and
+  ``restarts``: one ``{node, step, cause}`` per time the run lost a node or a worker and went on
+  from checkpoint ``step`` (``[]`` for a run that never restarted);
 - ``PODSCALE_PARAMS_NPZ <base64>``: the final parameters (only when the user asked --params-out);
 - ``PODSCALE_ERROR {"kind": "usage"|"run", "message": ...}``: why it failed, for a one-line error
   and the right exit code on the client.
@@ -103,6 +105,7 @@ def run_job(argv: list[str], mode: str, max_failures: int, resource_timeout: flo
         mode = "local"
     mode = resolve_mode(mode, cfg.backend)
     params: bytes | None = None
+    restarts: list[dict[str, Any]] = []
     if mode == "local":
         from scaling.world import run_local
 
@@ -114,15 +117,15 @@ def run_job(argv: list[str], mode: str, max_failures: int, resource_timeout: flo
         from launchers.ray_train import run_torch
 
         connect()
-        raw, params = run_torch(inner, max_failures, resource_timeout)
+        raw, params, restarts = run_torch(inner, max_failures, resource_timeout)
     elif cfg.backend.startswith("jax"):
         from launchers.ray_jax import run_jax
 
         connect()
-        raw, params = run_jax(inner, max_failures, resource_timeout)
+        raw, params, restarts = run_jax(inner, max_failures, resource_timeout)
     else:
         raise UsageError(f"--train ray supports torch-ddp, jax-pmap and jax-sharded; for {cfg.backend!r} use --train local")
-    return finish(cfg, raw), params
+    return {**finish(cfg, raw), "restarts": restarts}, params
 
 
 def run_scale(argv: list[str]) -> tuple[dict[str, Any], bytes | None]:

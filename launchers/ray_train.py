@@ -92,6 +92,12 @@ def _train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
         resume = box[0] is not None
         if resume:
             (ckdir / box[0][0]).write_bytes(box[0][1])
+        here = ray.get_runtime_context()
+        workers: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(workers, (here.get_actor_id(), here.get_node_id()))
+        if rank == 0 and config.get("attempts") is not None:
+            step = int(checkpoint.PATTERN.match(box[0][0]).group(1)) if resume else 0
+            ray.get(config["attempts"].add.remote({"t": time.time(), "step": step, "workers": workers}))
         run_cfg = cfg.replace(checkpoint_dir=str(ckdir), resume=resume, json_path=None, params_out=None, logdir=None)
 
         def report(step: int, losses: list[float]) -> None:
@@ -150,9 +156,61 @@ def wait_for_resources(workers: int, use_gpu: bool, timeout: float) -> None:
         time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
 
 
-def run_torch(cfg: RunConfig, max_failures: int, resource_timeout: float, storage: str | None = None) -> tuple[dict[str, Any], bytes | None]:
-    """Train ``cfg`` (torch-ddp) on the connected Ray cluster; return rank 0's raw record and the
-    final parameters (.npz bytes)."""
+class _Attempts:
+    """Where each worker group's rank 0 says what it resumed from and which workers (actor, node)
+    it has (a zero-CPU Ray actor of the job's driver): Ray Train restarts a group silently, and
+    this is what the run's restart records are made of."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+
+    def all(self) -> list[dict[str, Any]]:
+        return sorted(self.rows, key=lambda r: r["t"])
+
+
+#: actor death reasons that are someone's decision (Ray Train tearing a failed group down), not the fault
+_INTENDED = {"RAY_KILL", "OUT_OF_SCOPE", "INTENDED_USER_EXIT", "INTENDED_SYSTEM_EXIT"}
+
+
+def death_of(workers: list[tuple[str, str]]) -> tuple[str | None, str]:
+    """The node and cause of a worker group's failure, from Ray's own actor table: the first
+    worker that died of a lost node, else of a dead process, else of anything unintended."""
+    from ray.util.state import get_actor
+
+    found: list[tuple[int, str, str]] = []
+    for actor_id, node_id in workers:
+        try:
+            a = get_actor(actor_id, timeout=10)
+        except Exception:  # noqa: BLE001 - the state API is down: the record says so
+            continue
+        ctx = ((getattr(a, "death_cause", None) or {}).get("actor_died_error_context") or {}) if a else {}
+        reason = ctx.get("reason", "")
+        if reason and reason not in _INTENDED:
+            rank = {"NODE_DIED": 0, "WORKER_DIED": 1}.get(reason, 2)
+            found.append((rank, node_id, f"{reason}: {ctx.get('error_message', '').split('. ')[0][:200]}"))
+    if not found:
+        return None, "the worker group failed (no worker's death is on record in Ray's actor table)"
+    _, node, cause = min(found)
+    return node, cause
+
+
+def restarts_from(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One ``{node, step, cause}`` per restart: each group but the last failed, and the next one
+    resumed from ``step``."""
+    out = []
+    for failed, nxt in zip(rows, rows[1:]):
+        node, cause = death_of([tuple(w) for w in failed["workers"]])
+        out.append({"node": node, "step": nxt["step"], "cause": cause})
+    return out
+
+
+def run_torch(cfg: RunConfig, max_failures: int, resource_timeout: float,
+              storage: str | None = None) -> tuple[dict[str, Any], bytes | None, list[dict[str, Any]]]:
+    """Train ``cfg`` (torch-ddp) on the connected Ray cluster; return rank 0's raw record, the
+    final parameters (.npz bytes) and one record per restart of the worker group."""
     if cfg.backend != "torch-ddp":
         raise UsageError(f"--train ray runs torch-ddp through Ray Train; for {cfg.backend!r} use --train local")
     import ray
@@ -173,9 +231,10 @@ def run_torch(cfg: RunConfig, max_failures: int, resource_timeout: float, storag
         store = own_storage
     name = f"podscale-{int(time.time() * 1000)}"
     atomic_dir = None if "://" in store else os.path.join(store, name, "podscale-checkpoints")
+    attempts = ray.remote(num_cpus=0)(_Attempts).remote()
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"cfg": cfg.to_json(), "atomic_dir": atomic_dir},
+        train_loop_config={"cfg": cfg.to_json(), "atomic_dir": atomic_dir, "attempts": attempts},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=max(1, int(cfg.step_timeout))),
         scaling_config=ScalingConfig(num_workers=cfg.devices, use_gpu=use_gpu),
         run_config=RayRunConfig(
@@ -196,7 +255,9 @@ def run_torch(cfg: RunConfig, max_failures: int, resource_timeout: float, storag
     ret = result.return_value
     if not ret or "raw" not in ret:
         raise RunFailed("Ray Train finished without a result from rank 0")
-    return ret["raw"], ret.get("params_npz")
+    restarts = restarts_from(ray.get(attempts.all.remote()))
+    ray.kill(attempts)
+    return ret["raw"], ret.get("params_npz"), restarts
 
 
 def _describe_failure(e: BaseException, max_failures: int, resource_timeout: float) -> str:

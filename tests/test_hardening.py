@@ -345,7 +345,7 @@ def test_checkpoint_dir_alone_saves_the_final_state(tmp_path, backend, ext):
 
 
 @pytest.mark.parametrize("var, value, names", [
-    ("PODSCALE_FAULT", "x", "PODSCALE_FAULT='x'"), ("PODSCALE_FAULT", "0:2:explode", "mode must be kill or hang"),
+    ("PODSCALE_FAULT", "x", "PODSCALE_FAULT='x'"), ("PODSCALE_FAULT", "0:2:explode", "mode must be kill, hang or hold"),
     ("PODSCALE_JAX_STEP", "pm", "valid: jit, shard_map"), ("PODSCALE_CACHE_DIR", "/proc/c", "PODSCALE_CACHE_DIR"),
 ])
 def test_bad_environment_variables_exit_2_before_anything_starts(tmp_path, monkeypatch, var, value, names):

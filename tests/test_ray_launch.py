@@ -1,8 +1,13 @@
-"""``podscale launch`` against a real Ray head that this test session starts on 127.0.0.1.
+"""``podscale launch`` against a real 3-node Ray cluster that this test session starts on 127.0.0.1.
 
-One head for the whole session (starting one costs seconds and ~1 GB): its own temp dir, 4
-logical CPUs declared, stopped at the end by its own process IDs (never ``ray stop``, which would
-end every Ray on the host). Jobs go through the Jobs API exactly as a user's would.
+One cluster for the whole session (each node costs seconds and ~0.5 GB): a head with the dashboard
+(the Jobs API) and two worker nodes joined with ``ray start --address``, each its own raylet, object
+store and agents, 2 logical CPUs and a custom resource naming it, so that where Ray put a worker is
+observable. All share one temp dir, and a directory of this host stands in for the shared
+filesystem (NFS) a real cluster's checkpoints need. Stopped at the end by their own process IDs
+(never ``ray stop``, which would end every Ray on the host). Jobs go through the Jobs API exactly as
+a user's would. The GCS health-checks nodes every second (3 misses: dead), so that a lost node is
+noticed in seconds rather than Ray's default ~15 s.
 """
 
 from __future__ import annotations
@@ -24,10 +29,17 @@ RUN = ["run", "--backend", "torch-ddp", "--devices", "4", "--global-batch", "32"
        "--lr", "0.05", "--step-timeout", "60"]
 
 
+NODE_CPUS = 2
+FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
+                      "RAY_health_check_timeout_ms": "2000"}
+
+
 @pytest.fixture(scope="session")
 def ray_head() -> LocalHead:
-    head = start_head(num_cpus=4)
+    head = start_head(num_cpus=NODE_CPUS, resources={"head": 1.0}, env=FAST_HEALTH_CHECKS)
     try:
+        for name in ("node1", "node2"):
+            head.add_node(name, NODE_CPUS)
         yield head
     finally:
         pids = head.pids()
@@ -52,12 +64,17 @@ def _launch(head: LocalHead, tmp: Path, *extra: str, run_extra: tuple[str, ...] 
 
 
 def _actors(head: LocalHead, class_name: str) -> set[str]:
-    """Ids of the head's actors of ``class_name`` (alive or dead): evidence, from Ray's own state API,
-    that the run went through Ray and not a fallback to the local launcher."""
+    """Ids of the cluster's actors of ``class_name`` (alive or dead): evidence, from Ray's own state
+    API, that the run went through Ray and not a fallback to the local launcher."""
+    return set(_actor_nodes(head, class_name))
+
+
+def _actor_nodes(head: LocalHead, class_name: str) -> dict[str, str]:
+    """Actor id -> the id of the node it ran on, for every actor of ``class_name``."""
     from ray.util.state import list_actors
 
-    return {a.actor_id for a in list_actors(address=head.address, filters=[("class_name", "=", class_name)],
-                                           limit=10_000, raise_on_missing_output=False)}
+    return {a.actor_id: a.node_id for a in list_actors(address=head.address, filters=[("class_name", "=", class_name)],
+                                                       limit=10_000, raise_on_missing_output=False)}
 
 
 def _same_params(a: dict, b: dict) -> bool:
@@ -66,12 +83,14 @@ def _same_params(a: dict, b: dict) -> bool:
 
 @pytest.mark.timeout(240)
 def test_torch_ddp_on_ray_train_equals_local_launcher(ray_head, local_reference, tmp_path):
-    before = _actors(ray_head, "RayTrainWorker")
+    """4 Ray Train workers need two of the 2-CPU nodes: gloo across nodes, bit for bit the local run."""
+    before = _actor_nodes(ray_head, "RayTrainWorker")
     _launch(ray_head, tmp_path)
-    assert len(_actors(ray_head, "RayTrainWorker") - before) == 4  # Ray Train ran the 4 ranks
+    ran = {a: n for a, n in _actor_nodes(ray_head, "RayTrainWorker").items() if a not in before}
+    assert len(ran) == 4 and len(set(ran.values())) == 2, ran  # Ray Train ran the 4 ranks, on two nodes
     got = json.loads((tmp_path / "r.json").read_text())
     ref, ref_params = local_reference
-    assert set(got) == set(ref)
+    assert set(got) == set(ref) | {"restarts"} and got["restarts"] == []
     assert got["losses"] == ref["losses"] and len(got["losses"]) == 6
     assert got["final_params_l2"] == ref["final_params_l2"]
     assert got["replicas_identical"] is True and got["processes"] == 4
@@ -91,14 +110,16 @@ def jax_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]
 
 @pytest.mark.timeout(240)
 def test_jax_two_host_actors_equal_local_launcher(ray_head, jax_reference, tmp_path):
-    """2 Ray actors x 2 emulated devices joined by jax.distributed = the local 2-process run."""
-    before = _actors(ray_head, "PodHost")
+    """2 Ray actors x 2 emulated devices joined by jax.distributed = the local 2-process run; one
+    actor per node (STRICT_SPREAD), as the hosts of a pod slice."""
+    before = _actor_nodes(ray_head, "PodHost")
     podscale("launch", "--address", ray_head.address, "--quiet", "--", *JAX_RUN, "--checkpoint-dir", str(tmp_path / "ck"),
              "--json", str(tmp_path / "r.json"), "--params-out", str(tmp_path / "p.npz"), timeout=200)
-    assert len(_actors(ray_head, "PodHost") - before) == 2  # the actor group ran the 2 processes
+    ran = {a: n for a, n in _actor_nodes(ray_head, "PodHost").items() if a not in before}
+    assert len(ran) == 2 and len(set(ran.values())) == 2, ran  # the 2 processes, each on its own node
     got = json.loads((tmp_path / "r.json").read_text())
     ref, ref_params = jax_reference
-    assert set(got) == set(ref)
+    assert set(got) == set(ref) | {"restarts"} and got["restarts"] == []
     assert got["processes"] == 2 and got["backend_info"]["devices_per_process"] == 2
     assert got["losses"] == ref["losses"] and got["resumed_from_step"] is None
     assert _same_params(dict(np.load(tmp_path / "p.npz")), ref_params)
@@ -115,15 +136,19 @@ def test_jax_host_actor_killed_group_rebuilt_from_checkpoint(ray_head, jax_refer
     ref, ref_params = jax_reference
     assert got["resumed_from_step"] == 2 and got["losses"] == ref["losses"]
     assert _same_params(dict(np.load(tmp_path / "p.npz")), ref_params)
+    [restart] = got["restarts"]  # host 1's process died; its node lives on: the record says so
+    assert restart["step"] == 2 and "JAX host 1 died" in restart["cause"] and restart["node"] in ray_head.alive_nodes(), restart
 
 
 @pytest.mark.timeout(60)
-def test_head_listens_on_loopback_only(ray_head):
+def test_every_node_listens_on_loopback_only(ray_head):
     socks = ray_head.listening()
     assert any(port == ray_head.dashboard_port for *_, port in socks), socks  # the job server is among them
-    assert len({pid for pid, *_ in socks}) >= 3  # GCS, raylet, dashboard, agents: really inspected
-    bad = [s for s in socks if s[2] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
-    assert not bad, f"sockets listening beyond loopback: {bad}"
+    assert len(ray_head.nodes) == 2 and len(ray_head.alive_nodes()) == 3
+    for mine in (ray_head.listening(own_only=True), *(n.listening() for n in ray_head.nodes)):  # head, then each node
+        assert len({pid for pid, *_ in mine}) >= 2, mine  # raylet, agents (and on the head GCS, dashboard): really inspected
+        bad = [s for s in mine if s[2] not in ("127.0.0.1", "::ffff:127.0.0.1")]
+        assert not bad, f"sockets listening beyond 127.0.0.1: {bad}"
 
 
 # Two ranks, because a sum of two floats does not depend on its order: with 4+ gloo ranks DDP's
@@ -144,6 +169,8 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(ray_head, tmp_path):
     assert once.exists()  # the first attempt really lost rank 1 at step 3
     got = json.loads((tmp_path / "r.json").read_text())
     assert got["resumed_from_step"] == 2
+    [restart] = got["restarts"]  # from Ray's actor table: the worker process died, not its node
+    assert restart["step"] == 2 and restart["cause"].startswith("WORKER_DIED") and restart["node"] in ray_head.alive_nodes()
     assert got["losses"] == ref["losses"]
     assert _same_params(dict(np.load(tmp_path / "p.npz")), ref_params)
     assert list((tmp_path / "store").rglob("ckpt-00000002.pt"))  # checkpoints live in the run's storage path
@@ -167,7 +194,7 @@ def test_too_few_cpus_fails_within_the_resource_timeout(ray_head, tmp_path):
     took = time.monotonic() - t
     assert p.returncode == 3, p.stderr
     last = p.stderr.strip().splitlines()[-1]
-    assert "too few resources" in last and "needs 8 CPU" in last and "has 4 CPU" in last, last
+    assert "too few resources" in last and "needs 8 CPU" in last and f"has {3 * NODE_CPUS} CPU" in last, last
     assert took < 60  # 3 s of waiting plus the job's start-up, never Ray Train's endless retry
 
 
@@ -262,3 +289,70 @@ def test_job_commands_refuse_bad_input_in_one_line(ray_head):
     assert p.returncode == 2 and "--no-wait needs a cluster" in p.stderr, p.stderr
     p = podscale("launch", "--no-wait", "--address", ray_head.address, "--", "run", "--json", "r.json", check=False, timeout=60)
     assert p.returncode == 2 and "job status ID --json" in p.stderr, p.stderr
+
+
+# ---- placement and node loss across the cluster's nodes ---------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_jax_hosts_that_cannot_spread_fail_within_the_resource_timeout(ray_head, tmp_path):
+    """4 JAX hosts, one per node (STRICT_SPREAD), on a 3-node cluster: never placeable."""
+    t = time.monotonic()
+    p = podscale("launch", "--address", ray_head.address, "--quiet", "--resource-timeout", "3", "--",
+                 "run", "--backend", "jax-sharded", "--devices", "4", "--processes", "4", "--steps", "3",
+                 check=False, timeout=100)
+    took = time.monotonic() - t
+    assert p.returncode == 3, p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert "too few resources for 4 JAX host actor(s)" in last and "4 nodes" in last and "has 3 alive node(s)" in last, last
+    assert took < 60
+
+
+NODE_LOSS_RUN = [*JAX_RUN[:JAX_RUN.index("--steps")], "--steps", "8", "--untimed-steps", "1", "--lr", "0.05", "--checkpoint-every", "2"]
+
+
+@pytest.mark.timeout(300)
+def test_a_lost_node_and_the_run_goes_on_from_its_checkpoint_on_the_others(ray_head, tmp_path):
+    """2 JAX hosts on 2 of the 3 nodes; host 0 holds at step 5 (checkpoint 4 is on the shared
+    directory by then) while the test kills the non-head node of a host, every process of it, as a
+    machine that lost power. The run rebuilds its hosts on the two nodes left and ends with the
+    parameters of an uninterrupted run."""
+    import subprocess
+    import sys
+
+    ref_dir = tmp_path / "ref"
+    podscale(*NODE_LOSS_RUN, "--checkpoint-dir", str(ref_dir / "ck"), "--quiet", "--json", str(ref_dir / "r.json"),
+             "--params-out", str(ref_dir / "p.npz"))
+    ref, ref_params = json.loads((ref_dir / "r.json").read_text()), dict(np.load(ref_dir / "p.npz"))
+    shared, release = tmp_path / "shared-ck", tmp_path / "release"
+    before = _actor_nodes(ray_head, "PodHost")
+    cmd = [sys.executable, "-m", "launchers.cli", "launch", "--address", ray_head.address, "--quiet", "--max-failures", "1",
+           "--", *NODE_LOSS_RUN, "--checkpoint-dir", str(shared), "--json", str(tmp_path / "r.json"),
+           "--params-out", str(tmp_path / "p.npz")]
+    env = {**os.environ, "PODSCALE_FAULT": "0:5:hold", "PODSCALE_FAULT_RELEASE": str(release), "PYTHONPATH": str(ROOT)}
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 150
+        while not (shared / "ckpt-00000004.npz").exists():
+            assert job.poll() is None and time.monotonic() < deadline, "the run never wrote checkpoint 4"
+            time.sleep(0.2)
+        hosts = {a: n for a, n in _actor_nodes(ray_head, "PodHost").items() if a not in before}
+        victim = next(ray_head.node_of(n) for n in hosts.values() if ray_head.node_of(n) is not None)
+        victim.kill()
+        release.touch()
+        out, err = job.communicate(timeout=200)
+    finally:
+        if job.poll() is None:
+            job.kill()
+        if len(ray_head.alive_nodes()) < 3:
+            ray_head.add_node(f"node{len(ray_head.nodes) + 1}", NODE_CPUS)  # 3 nodes again, for the tests after this one
+    assert job.returncode == 0, err
+    got = json.loads((tmp_path / "r.json").read_text())
+    [restart] = got["restarts"]
+    assert restart["node"] == victim.node_id and restart["step"] == got["resumed_from_step"] == 4, restart
+    assert "died" in restart["cause"], restart
+    lines = [ln for ln in err.splitlines() if "restart 1:" in ln]
+    assert len(lines) == 1 and victim.node_id in lines[0] and "step 4" in lines[0], err
+    assert got["losses"] == ref["losses"] and _same_params(dict(np.load(tmp_path / "p.npz")), ref_params)
+    after = {a: n for a, n in _actor_nodes(ray_head, "PodHost").items() if a not in before and a not in hosts}
+    assert len(after) == 2 and victim.node_id not in after.values()  # rebuilt on the two nodes left

@@ -20,7 +20,7 @@ LAYOUTS = [("jax-sharded", 1, 1), ("jax-sharded", 2, 1), ("jax-pmap", 4, 1), ("j
            ("jax-sharded", 4, 2), ("jax-pmap", 4, 2)]
 
 
-def plain_loop() -> tuple[list[float], dict[str, np.ndarray]]:
+def plain_loop(steps: int = STEPS) -> tuple[list[float], dict[str, np.ndarray]]:
     import jax
     import optax
     from flax import nnx
@@ -44,7 +44,7 @@ def plain_loop() -> tuple[list[float], dict[str, np.ndarray]]:
         return optax.apply_updates(params, upd), opt, loss
 
     losses, per_epoch = [], len(x) // GB
-    for s in range(STEPS):
+    for s in range(steps):
         epoch, pos = divmod(s, per_epoch)
         idx = np.random.default_rng([0, epoch]).permutation(len(x))[pos * GB : (pos + 1) * GB]
         params, opt, loss = step(params, opt, x[idx], y[idx])
