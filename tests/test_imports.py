@@ -184,3 +184,16 @@ def test_nothing_imports_the_free_folders(top: str) -> None:
     g = graph(ROOT, PACKAGES + tuple(f for f in FREE if (ROOT / f).is_dir()))
     bad = [f"{s} -> {d}" for s, ds in g.items() if s.split(".")[0] == top for d in ds if d.split(".")[0] in FREE]
     assert not bad, bad
+
+
+def test_tests_import_their_conftest_by_its_package_path() -> None:
+    """tests/ and tests/xla each have a conftest.py, and pytest registers whichever it loaded last as
+    the bare module ``conftest``: a ``from conftest import`` run lazily (a test importing another test
+    module) then gets tests/xla's. CI failed that way once; ``tests.conftest`` is one module only."""
+    bare = []
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if "conftest" in names:
+                bare.append(f"{path.name}:{node.lineno}")
+    assert not bare, f"import tests.conftest, not conftest: {bare}"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, podscale
+from tests.conftest import ROOT, podscale
 from scaling.tensorboard import read_scalars
 
 pytestmark = pytest.mark.slow

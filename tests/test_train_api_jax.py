@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, podscale
+from tests.conftest import ROOT, podscale
 
 pytestmark = pytest.mark.slow
 EXAMPLE = ROOT / "examples" / "digits_cnn_jax.py"
