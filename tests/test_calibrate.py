@@ -4,6 +4,7 @@ of gloo and XLA-CPU on this host that `run` then uses for predicted_step_time_s.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -33,6 +34,46 @@ def test_fit_recovers_alpha_and_bandwidth():
 def test_curve_is_made_monotone():
     pts = [(1024, 6e-3), (16384, 5e-4), (1 << 20, 8e-4), (1 << 22, 5e-3)]
     assert calibration.monotone(pts) == [(1024, 5e-4), (16384, 5e-4), (1 << 20, 8e-4), (1 << 22, 5e-3)]
+
+
+def _synthetic(backend: str, family: str, cores: int, slowdown, overhead, curve) -> dict:
+    """A calibration at the given N of made-up terms whose rules are known in closed form."""
+    data = calibration._empty()
+    data["cores"] = cores
+    data["gemm"] = {calibration.gemm_source(backend): {"fp32": {"1": {"64": 1e9}, "device": {"64": 1e9}}}}
+    data["backends"][backend] = {"ref_grad_bytes": 1024, "per_n": {
+        str(n): {"overhead_s": overhead(n), "slowdown": slowdown(n)} for n in curve}}
+    data["collectives"][family] = {str(n): {"points": [[b, t] for b, t in pts], "alpha": pts[0][1], "bw": 1e9}
+                                   for n, pts in curve.items()}
+    return data
+
+
+@pytest.mark.parametrize("backend, family", [("torch-ddp", "gloo"), ("jax-sharded", "xla-cpu")])
+def test_an_uncalibrated_n_takes_the_cores_out_before_interpolating(backend, family):
+    """N devices on C cores: the contention the cores explain is exact at every N (gloo ranks share
+    C cores from N > C on; XLA-CPU devices split one process's cores N ways), so a slowdown that is
+    exactly that comes back exactly at N the calibration never ran, inside and beyond its range,
+    where plain log-log interpolation of 1.0 (N=1) and 2.0 (N=4) would give 1.41 at N=2."""
+    cores = 2
+    ideal = (lambda n: max(1.0, n / cores)) if family == "gloo" else (lambda n: float(n))
+    curve = {1: [(1024, 1e-6), (1 << 20, 1e-6)], 4: [(1024, 4e-4), (1 << 20, 3e-3)], 8: [(1024, 8e-4), (1 << 20, 7e-3)]}
+    cal = _synthetic(backend, family, cores, ideal, lambda n: 1e-3 * n, curve)
+    sub = calibration.restricted(cal, [1, 8])  # as `podscale calibrate --devices 1,8` would write it
+    assert sorted(sub["backends"][backend]["per_n"]) == sorted(sub["collectives"][family]) == ["1", "8"]
+    assert calibration.host_terms(sub, backend, 4).slowdown == pytest.approx(ideal(4))
+    for n in (2, 16):
+        t = calibration.host_terms(cal, backend, n)
+        assert t.interpolated and t.slowdown == pytest.approx(ideal(n))
+        assert t.overhead == pytest.approx(1e-3 * n)  # a power law of N is a line in log-log
+    # the curve: between the multi-device counts only (N=1's "all-reduce" moves nothing)
+    t6 = calibration.host_terms(cal, backend, 6)
+    w = (math.log(6) - math.log(4)) / (math.log(8) - math.log(4))
+    assert t6.allreduce(1 << 20) == pytest.approx(math.exp(math.log(3e-3) + w * (math.log(7e-3) - math.log(3e-3))))
+    # one multi-device curve to go on: scaled by the ring's 2(N-1)/N bytes per device
+    one = _synthetic(backend, family, cores, ideal, lambda n: 1e-3, {1: curve[1], 4: curve[4]})
+    t2 = calibration.host_terms(one, backend, 2)
+    assert t2.allreduce(1 << 20) == pytest.approx(3e-3 * (1 / 2) / (3 / 4))
+    assert calibration.host_terms(one, backend, 1).allreduce(1 << 20) == pytest.approx(1e-6)  # calibrated: as measured
 
 
 def test_file_is_keyed_by_host_and_versions(cache):

@@ -111,6 +111,34 @@ def test_weak_sweep_prediction_within_band(weak_sweep):
                 assert 0.5 <= ratio <= 2.0, (backend, r["devices"], ratio)
 
 
+OFF_GRID = ("--model-opt", "d_in=256", "--model-opt", "hidden=1024")  # 16x the sweep model's gradient bytes
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)  # the module's sweep: 12 configurations x 3 runs, on the first test that asks
+def test_off_grid_predictions_from_a_calibration_that_never_ran_that_n(weak_sweep, tmp_path):
+    """The sweep's calibration restricted to N = 1, 2 (what `podscale calibrate --devices 1,2`
+    writes: each N is measured on its own) predicts N = 4, beyond it and past this host's cores,
+    for the sweep's mlp and one with 16x its gradient bytes, neither ever calibrated (the reference
+    is a 289-parameter mlp), within 0.5-2x of the measured steps. The tight off-grid figures live
+    in bench/predictor.py."""
+    _, doc, _ = weak_sweep
+    from scaling.throughput import calibration, estimate
+
+    cal = calibration.restricted(calibration.load(), [1, 2])
+    assert sorted(cal["backends"]["torch-ddp"]["per_n"]) == ["1", "2"]
+    for backend in (b for b in ("torch-ddp", "jax-sharded") if b in doc["summary"]):
+        podscale("run", "--backend", backend, "--devices", "4", "--global-batch", "128", "--steps", "24",
+                 "--untimed-steps", "4", "--probe-steps", "0", *OFF_GRID, "--quiet", "--json", str(tmp_path / f"{backend}.json"))
+        big = json.loads((tmp_path / f"{backend}.json").read_text())
+        small = next(r for r in doc["summary"][backend] if r["devices"] == 4)
+        for opts, measured in ((SMALL, small["step_time_s"]), (OFF_GRID, big["step_time_s"])):
+            spec = get_spec("mlp", d_in=256, hidden=int(opts[-1].split("=")[1]))
+            est = estimate.predict_step(estimate.workload(spec), "host-cpu", 4, 128, "float32", backend, calibration=cal)
+            assert "interpolated" in est.basis, est.basis  # N=4 is not in the restricted calibration
+            assert 0.5 <= est.step_time_s / measured <= 2.0, (backend, opts, est.step_time_s, measured)
+
+
 @pytest.mark.slow
 def test_strong_sweep_per_device_flops_shrink_as_one_over_n(tmp_path):
     backends = ",".join(b for b in ("torch-ddp", "jax-sharded") if is_installed(b))

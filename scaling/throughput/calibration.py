@@ -21,6 +21,7 @@ calibrating one more backend or N keeps the rest.
 from __future__ import annotations
 
 import bisect
+import copy
 import importlib.metadata
 import json
 import math
@@ -198,26 +199,68 @@ def host_terms(cal: dict[str, Any], backend: str, n: int, dtype: str = "float32"
     if n in per_n:
         o, s, pts, a, bw = at(n)
         return HostTerms(o, s, tuple(pts), a, bw, ref_bytes, rates, False)  # type: ignore[arg-type]
-    # between (or beyond) calibrated N: log-log interpolation of each term, one rule for all
-    lo = max([m for m in ns if m < n], default=ns[0])
-    hi = min([m for m in ns if m > n], default=ns[-1])
-    if lo == hi:  # beyond the range: extrapolate from the last two calibrated counts
-        pair = ns[-2:] if n > ns[-1] else ns[:2]
-        if len(pair) < 2:
-            raise UsageError(f"{backend} is calibrated at N={ns[0]} only; run `podscale calibrate --devices 1,2,4,8`")
-        lo, hi = pair
-    w = (math.log(n) - math.log(lo)) / (math.log(hi) - math.log(lo))
-    o0, s0, p0, a0, b0 = at(lo)
-    o1, s1, p1, a1, b1 = at(hi)
+    # an N the calibration never ran: each term from the calibrated counts around it (log-log), or
+    # from the nearest two beyond the range, with what is known about N devices on C cores taken out
+    # first: ``contention`` is the slowdown the cores alone explain, and only the rest is interpolated
+    cores = int(cal.get("cores") or host.host_cores())
+    if len(ns) < 2:
+        raise UsageError(f"{backend} is calibrated at N={ns[0]} only; run `podscale calibrate --devices 1,2,4,8`")
+    o = _loglog(ns, [per_n[m]["overhead_s"] for m in ns], n)
+    s = contention(fam, n, cores) * _loglog(ns, [per_n[m]["slowdown"] / contention(fam, m, cores) for m in ns], n)
+    # one device has nothing to all-reduce: its "collective" is a no-op, not a point on the curve
+    multi = [m for m in ns if m >= 2 and str(m) in coll] if n >= 2 else []
+    if not multi:
+        pts, a, bw = [], 0.0, float("inf")
+    else:
+        curves = [at(m) for m in multi]
+        xs = [p[0] for p in curves[0][2]]
+        same = all([p[0] for p in c[2]] == xs for c in curves)
+        pts = [(x, _loglog(multi, [c[2][i][1] for c in curves], n)) for i, x in enumerate(xs)] if same else list(curves[-1][2])
+        a = _loglog(multi, [max(c[3], 1e-9) for c in curves], n)
+        bw = _loglog(multi, [c[4] for c in curves], n)
+        if len(multi) == 1:  # one curve to go on: a ring moves 2(N-1)/N of the bytes per device
+            k = ((n - 1) / n) / ((multi[0] - 1) / multi[0])
+            pts, bw = [(x, t * k) for x, t in pts], bw / k
+    return HostTerms(o, max(1.0, s), tuple(pts), a, bw, ref_bytes, rates, True)  # type: ignore[arg-type]
 
-    def lerp_log(x0: float, x1: float) -> float:
-        return math.exp(math.log(max(x0, 1e-12)) + w * (math.log(max(x1, 1e-12)) - math.log(max(x0, 1e-12))))
 
-    pts = []
-    if p0 and p1 and [p[0] for p in p0] == [p[0] for p in p1]:
-        pts = [(x, lerp_log(y0, y1)) for (x, y0), (_, y1) in zip(p0, p1)]
-    return HostTerms(lerp_log(o0, o1), max(1.0, lerp_log(s0, s1)), tuple(pts), lerp_log(max(a0, 1e-9), max(a1, 1e-9)),
-                     lerp_log(b0, b1), ref_bytes, rates, True)
+def contention(family: str, n: int, cores: int) -> float:
+    """How much slower a GEMM runs on each of N devices computing at once than on one alone, from
+    the cores alone: a gloo rank runs one thread, so N ranks share C cores from N > C on; an XLA-CPU
+    device alone runs its GEMM on every core, so N devices in one process split them N ways."""
+    return float(max(1, n)) if family == "xla-cpu" else max(1.0, n / cores)
+
+
+def _loglog(xs: list[int], ys: list[float], x: int) -> float:
+    """ys at x, linear in (log x, log y) between x's neighbours among xs, or from the nearest two
+    beyond the range; one point: that point."""
+    if len(xs) == 1:
+        return ys[0]
+    if x in xs:
+        return ys[xs.index(x)]
+    lo = max((i for i, v in enumerate(xs) if v < x), default=None)
+    hi = min((i for i, v in enumerate(xs) if v > x), default=None)
+    if lo is None:
+        lo, hi = 0, 1
+    elif hi is None:
+        lo, hi = len(xs) - 2, len(xs) - 1
+    w = (math.log(x) - math.log(xs[lo])) / (math.log(xs[hi]) - math.log(xs[lo]))
+    y0, y1 = math.log(max(ys[lo], 1e-12)), math.log(max(ys[hi], 1e-12))
+    return math.exp(y0 + w * (y1 - y0))
+
+
+def restricted(cal: dict[str, Any], counts: list[int]) -> dict[str, Any]:
+    """The calibration as ``podscale calibrate --devices COUNTS`` would have written it: every N's
+    terms are measured on their own, so the other N's entries are simply dropped (the off-grid
+    checks: predictions at N the calibration never ran)."""
+    keep = {str(n) for n in counts}
+    out = copy.deepcopy(cal)
+    for b in out.get("backends", {}).values():
+        b["per_n"] = {k: v for k, v in b.get("per_n", {}).items() if k in keep}
+    for fam in out.get("collectives", {}).values():
+        for k in [k for k in fam if k not in keep]:
+            del fam[k]
+    return out
 
 
 def host_peak(cal: dict[str, Any], key: str) -> float | None:
