@@ -238,6 +238,10 @@ def test_throughput_model_prices_the_sharded_collectives_by_its_stated_rule():
     assert full.compute_s < none.compute_s  # each device updates 1/N of the optimizer state
     one = estimate.predict_step(wl, hw.id, 1, 8, sharding="full")
     assert one.allreduce_s == 0 and one.step_time_s == pytest.approx(estimate.predict_step(wl, hw.id, 1, 8).step_time_s)
+    from scaling.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"'zero3'.*valid: optimizer, full"):  # the API, not only the CLI, names it
+        estimate.predict_step(wl, hw.id, n, 64, sharding="zero3")
 
 
 def test_fsdp_units_are_the_units_the_throughput_model_prices():

@@ -33,6 +33,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from scaling.errors import UsageError
+
 MATMUL_KINDS = ("conv", "dense", "attention", "matmul")
 BUCKET_BYTES = 25 * 2**20
 """PyTorch DDP's default bucket (bucket_cap_mb=25, torch.nn.parallel.DistributedDataParallel docs)."""
@@ -230,7 +232,8 @@ def sharded_parts(works: Sequence[LayerWork], batch: float, r: Rates, grad_bytes
       hides behind compute;
     - the optimizer updates 1/N of the state on each device."""
     if mode not in ("optimizer", "full"):
-        raise ValueError(f"sharded_parts: mode {mode!r}")
+        raise UsageError(f"invalid sharding mode {mode!r} for a sharded step; valid: optimizer, full "
+                         "(--sharding none is the replicated step: step_parts)")
     fwd_t, bwd_t, mem, launches = _layer_times(works, batch, r)
     us = units(works, fwd_t, bwd_t, grad_bytes)
     half = [allreduce(u.grad_bytes) / 2.0 for u in us]
