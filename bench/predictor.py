@@ -33,10 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from launchers.cmd_scale import parse_devices  # noqa: E402
 from launchers.flags import parse_model_opts  # noqa: E402
 from models.spec import get_spec  # noqa: E402
 from scaling.backends import BACKENDS  # noqa: E402
 from scaling.config import RunConfig  # noqa: E402
+from scaling.errors import UsageError  # noqa: E402
 from scaling.run import finish  # noqa: E402
 from scaling.throughput import calibration, estimate, measure  # noqa: E402
 from scaling.world import run_local  # noqa: E402
@@ -93,10 +95,6 @@ def row(backend: str, model: str, n: int, meas: float, pred: float | None, error
             f"{err * 100:+.1f}%" if err is not None else "n/a")
 
 
-def counts(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backends", default=None)
@@ -111,7 +109,13 @@ def main() -> int:
     ap.add_argument("--skip-on-grid", action="store_true")
     ap.add_argument("--skip-off-grid", action="store_true")
     args = ap.parse_args()
-    on_ns, cal_ns, at_ns = counts(args.devices), counts(args.calibrate_on), counts(args.predict_at)
+    lists = []
+    for flag, text in (("--devices", args.devices), ("--calibrate-on", args.calibrate_on), ("--predict-at", args.predict_at)):
+        try:  # the sweep's own parser: a bad list is one line naming it
+            lists.append(parse_devices(text))
+        except UsageError as e:
+            ap.error(str(e).replace("--devices", flag, 1))
+    on_ns, cal_ns, at_ns = lists
     if set(cal_ns) & set(at_ns):
         ap.error(f"--predict-at {args.predict_at} must not share an N with --calibrate-on {args.calibrate_on}: "
                  "those would be on-grid")

@@ -96,7 +96,7 @@ def test_weak_sweep_structure_measured_per_rank(weak_sweep):
 @pytest.mark.slow
 @pytest.mark.timeout(1500)  # the module's sweep: 12 configurations x 3 runs, on the first test that asks
 def test_weak_sweep_prediction_within_band(weak_sweep):
-    """Loose band only: the tight target (median 5%, max 15%) lives in bench/predictor.py."""
+    """Loose band only: the tight targets (on-grid median 10%; off-grid median 15%, max 35%) live in bench/predictor.py."""
     _, doc, _ = weak_sweep
     for backend, rows in doc["summary"].items():  # torch-xla too, from .venv-xla's own calibration
         for r in rows:
