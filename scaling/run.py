@@ -67,7 +67,8 @@ def predicted_parts(cfg: RunConfig, hw_id: str, workload: estimate.Workload | No
     try:
         if workload is None:
             workload = estimate.workload(get_spec(cfg.model, **cfg.model_opts))
-        e = estimate.predict_step(workload, hw_id, cfg.devices, cfg.global_batch, cfg.dtype, cfg.backend)
+        e = estimate.predict_step(workload, hw_id, cfg.devices, cfg.global_batch, cfg.dtype, cfg.backend,
+                                  optimizer=cfg.optimizer)
     except Exception:  # noqa: BLE001 - a prediction must never break a finished run
         return None
     return {"compute_s": e.compute_s, "comm_exposed_s": e.comm_s, "overhead_s": e.overhead_s, "step_s": e.step_time_s}

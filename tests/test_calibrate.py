@@ -115,6 +115,9 @@ def test_real_gloo_calibration_feeds_runs(cache):
     assert result["prediction_error"] == pytest.approx(result["predicted_step_time_s"] / result["step_time_s"] - 1)
     est = estimate.predict_step("mlp", "host-cpu", 2, 16, backend="torch-ddp")
     assert est.overhead_s == data["backends"]["torch-ddp"]["per_n"]["2"]["overhead_s"] and est.compute_s > 0
+    # the layer table was measured with it, and the prediction is composed from it
+    assert calibration.host_terms(data, "torch-ddp", 2).layers == data["layers"]["torch"]
+    assert {"dense", "conv", "eltwise", "adam"} <= set(data["layers"]["torch"])
 
 
 def test_real_xla_cpu_collectives():

@@ -11,7 +11,9 @@ per backend and device count N:
   device alone (1.0 for N <= cores in an idle machine, ~N/cores beyond);
 - the all-reduce curve: seconds vs message bytes with the backend's own collective (gloo for
   torch-ddp, XLA-CPU psum for jax-*), with its alpha-beta fit;
-- once per host: GEMM rates for square sizes on 1 ... all cores (torch) and for one XLA-CPU device.
+- once per host: GEMM rates for square sizes on 1 ... all cores (torch) and for one XLA-CPU device,
+  and one device's forward + backward of each kind of layer on a grid of shapes and its optimizer
+  update on a grid of sizes (``layer_rates``; ``host_step`` composes a model's step from them).
 
 The file (``calibration-<env>.json`` in ``host.cache_dir()``, one per framework environment) is
 keyed by the host fingerprint and the framework versions; it is written atomically and merged, so
@@ -88,10 +90,11 @@ def load(p: Path | None = None) -> dict[str, Any] | None:
         pkg = FAMILIES.get(backend, ("", ""))[1]
         if data["backends"][backend].get("framework_version") != framework_version(pkg):
             del data["backends"][backend]
-    gemm = data.get("gemm", {})
-    for fw in list(gemm):
-        if gemm[fw].get("framework_version") != framework_version(fw):
-            del gemm[fw]
+    for section in ("gemm", "layers"):
+        tables = data.get(section, {})
+        for fw in list(tables):
+            if tables[fw].get("framework_version") != framework_version(fw):
+                del tables[fw]
     return data
 
 
@@ -106,7 +109,7 @@ def save(data: dict[str, Any], p: Path | None = None) -> Path:
 
 def _empty() -> dict[str, Any]:
     return {"version": VERSION, "host": host.host_fingerprint(), "cores": host.host_cores(),
-            "gemm": {}, "collectives": {}, "backends": {}}
+            "gemm": {}, "layers": {}, "collectives": {}, "backends": {}}
 
 
 def has_backend(cal: dict[str, Any], backend: str, n: int | None = None) -> bool:
@@ -150,6 +153,8 @@ class HostTerms:
     rates: tuple[tuple[float, float], ...]
     """(GEMM FLOPs, FLOPS) for one device alone."""
     interpolated: bool
+    layers: dict[str, Any] | None = None
+    """One device's measured layer and optimizer costs (``layer_rates``); None: an older calibration."""
 
     def allreduce(self, nbytes: float) -> float:
         """Measured curve between the points; alpha-beta fit's slope beyond the largest."""
@@ -196,13 +201,14 @@ def host_terms(cal: dict[str, Any], backend: str, n: int, dtype: str = "float32"
         return e["overhead_s"], e["slowdown"], [tuple(p) for p in c["points"]], c["alpha"], c["bw"]
 
     ref_bytes = float(b.get("ref_grad_bytes", 0))
+    layers = cal.get("layers", {}).get(fw) or None
+    cores = int(cal.get("cores") or host.host_cores())
     if n in per_n:
         o, s, pts, a, bw = at(n)
-        return HostTerms(o, s, tuple(pts), a, bw, ref_bytes, rates, False)  # type: ignore[arg-type]
+        return HostTerms(o, floor(fam, n, cores, s), tuple(pts), a, bw, ref_bytes, rates, False, layers)  # type: ignore[arg-type]
     # an N the calibration never ran: each term from the calibrated counts around it (log-log), or
     # from the nearest two beyond the range, with what is known about N devices on C cores taken out
     # first: ``contention`` is the slowdown the cores alone explain, and only the rest is interpolated
-    cores = int(cal.get("cores") or host.host_cores())
     if len(ns) < 2:
         raise UsageError(f"{backend} is calibrated at N={ns[0]} only; run `podscale calibrate --devices 1,2,4,8`")
     o = _loglog(ns, [per_n[m]["overhead_s"] for m in ns], n)
@@ -215,13 +221,24 @@ def host_terms(cal: dict[str, Any], backend: str, n: int, dtype: str = "float32"
         curves = [at(m) for m in multi]
         xs = [p[0] for p in curves[0][2]]
         same = all([p[0] for p in c[2]] == xs for c in curves)
-        pts = [(x, _loglog(multi, [c[2][i][1] for c in curves], n)) for i, x in enumerate(xs)] if same else list(curves[-1][2])
+        if same and min(multi) <= n <= max(multi):  # between two calibrated curves: point by point
+            pts = monotone([(x, _loglog(multi, [c[2][i][1] for c in curves], n)) for i, x in enumerate(xs)])
+        elif same:
+            # beyond them the smallest message's time (latency, and at N > C the scheduling of N
+            # ranks) and each larger message's time past it are extrapolated apart: point by point, a
+            # latency growing 50x from N = 2 to 8 swamps the bytes' share and the curve comes out
+            # falling with size (gloo from N = 2, 8 to 16 here: 160 ms at 1 KiB, 67 ms at 1 MiB)
+            base = _loglog(multi, [c[2][0][1] for c in curves], n)
+            inc = [_loglog(multi, [max(c[2][i][1] - c[2][0][1], 1e-9) for c in curves], n) for i in range(len(xs))]
+            pts = monotone([(x, base + (d if i else 0.0)) for i, (x, d) in enumerate(zip(xs, inc))])
+        else:
+            pts = list(curves[-1][2])
         a = _loglog(multi, [max(c[3], 1e-9) for c in curves], n)
         bw = _loglog(multi, [c[4] for c in curves], n)
         if len(multi) == 1:  # one curve to go on: a ring moves 2(N-1)/N of the bytes per device
             k = ((n - 1) / n) / ((multi[0] - 1) / multi[0])
             pts, bw = [(x, t * k) for x, t in pts], bw / k
-    return HostTerms(o, max(1.0, s), tuple(pts), a, bw, ref_bytes, rates, True)  # type: ignore[arg-type]
+    return HostTerms(o, floor(fam, n, cores, s), tuple(pts), a, bw, ref_bytes, rates, True, layers)  # type: ignore[arg-type]
 
 
 def contention(family: str, n: int, cores: int) -> float:
@@ -229,6 +246,16 @@ def contention(family: str, n: int, cores: int) -> float:
     the cores alone: a gloo rank runs one thread, so N ranks share C cores from N > C on; an XLA-CPU
     device alone runs its GEMM on every core, so N devices in one process split them N ways."""
     return float(max(1, n)) if family == "xla-cpu" else max(1.0, n / cores)
+
+
+def floor(family: str, n: int, cores: int, measured: float) -> float:
+    """The slowdown a prediction uses: the measured one, but never below what the cores force. N
+    one-thread gloo ranks busy at once on C cores cannot each run faster than C/N of a core, and the
+    calibration's short GEMM windows (a few ms per rank, shorter than the scheduler's slices) let
+    ranks run partly alone: measured here 1.5 at N = 4 and 2.3 at N = 8 on 2 cores, where the
+    steps of every compute-heavy model took 2x and 4x. An XLA-CPU device alone already uses every
+    core, so its floor is 1."""
+    return max(1.0, measured, contention(family, n, cores) if family == "gloo" else 1.0)
 
 
 def _loglog(xs: list[int], ys: list[float], x: int) -> float:

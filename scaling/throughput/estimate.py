@@ -31,7 +31,8 @@ from typing import Any, Sequence
 
 from scaling.errors import UsageError
 from scaling.throughput import catalog
-from scaling.throughput.calibration import has_backend, host_peak, host_terms
+from scaling.throughput import host_step
+from scaling.throughput.calibration import REF_MODEL_OPTS, has_backend, host_peak, host_terms
 from scaling.throughput.calibration import load as load_calibration
 from scaling.throughput import compute
 from scaling.throughput.collectives import allreduce_time
@@ -176,7 +177,7 @@ def _check_sizes(devices: int, global_batch: float) -> None:
 
 def predict_step(model_spec: Any, hw_id: str, devices: int, global_batch: float, dtype: str = "float32",
                  backend: str | None = None, algorithm: str = "auto", calibration: Any = None, slices: int = 1,
-                 sharding: str = "none") -> Estimate:
+                 sharding: str = "none", optimizer: str = "adam") -> Estimate:
     """Predicted step of data-parallel training of ``model_spec`` on ``devices`` devices of ``hw_id``.
 
     ``host-cpu`` needs a calibration (``calibration`` or this machine's file) for ``backend``
@@ -190,7 +191,7 @@ def predict_step(model_spec: Any, hw_id: str, devices: int, global_batch: float,
     flops = wl.train_flops_per_sample * global_batch
     if hw.id == "host-cpu":
         compute.check_dtype(hw, dtype)
-        est = _predict_host(wl, hw, devices, global_batch, dtype, backend or "torch-ddp", calibration)
+        est = _predict_host(wl, hw, devices, global_batch, dtype, backend or "torch-ddp", calibration, optimizer)
         if sharding != "none" and devices > 1:
             est = replace(est, notes=est.notes + ("--sharding is not priced on host-cpu yet: its calibration measured "
                                                   "all-reduce only, so this is the replicated step",))
@@ -230,14 +231,22 @@ def predict_step(model_spec: Any, hw_id: str, devices: int, global_batch: float,
 
 
 def _predict_host(wl: Workload, hw: catalog.Hardware, n: int, global_batch: float, dtype: str, backend: str,
-                  calibration: Any) -> Estimate:
+                  calibration: Any, optimizer: str = "adam") -> Estimate:
     hw = replace(hw, peak_flops={})  # host-cpu's peak comes from the calibration (no second measurement)
     cal = calibration if calibration is not None else load_calibration()
     if cal is None:
         raise UsageError("no calibration of this host yet: run `podscale calibrate` (host-cpu predictions are measured, not guessed)")
     terms = host_terms(cal, backend, n, dtype)
     per_dev = global_batch / n
-    if wl.op_flops:  # measured calls: each one GEMM/conv of that many FLOPs
+    if wl.works and host_step.has_table(terms.layers) and dtype == "float32":
+        # the spec's layers at their shapes, from the measured layer table, less the reference
+        # model's own layers and update (its measured step, the overhead, holds them already)
+        from models.spec import get_spec
+
+        ref = layer_works(get_spec("mlp", **REF_MODEL_OPTS).layer_costs(), REF_MODEL_OPTS["d_in"])
+        compute_1 = max(0.0, host_step.step_seconds(wl.works, per_dev, terms.layers, optimizer)  # type: ignore[arg-type]
+                        - host_step.step_seconds(ref, 1.0, terms.layers, optimizer))  # type: ignore[arg-type]
+    elif wl.op_flops:  # measured calls: each one GEMM/conv of that many FLOPs
         compute_1 = sum(f / terms.gemm_rate(f) for f in wl.op_flops)
     else:
         layers = wl.layer_flops or (wl.train_flops_per_sample,)
@@ -320,7 +329,8 @@ def predict_run(cfg: Any, hw_id: str, measured: Workload | None = None) -> float
             from models.spec import get_spec
 
             measured = workload(get_spec(cfg.model, **cfg.model_opts))
-        return predict_step(measured, hw_id, cfg.devices, cfg.global_batch, cfg.dtype, cfg.backend).step_time_s
+        return predict_step(measured, hw_id, cfg.devices, cfg.global_batch, cfg.dtype, cfg.backend,
+                            optimizer=cfg.optimizer).step_time_s
     except Exception:  # noqa: BLE001 - a prediction must never break a finished run
         return None
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from scaling.errors import RunFailed, UsageError
-from scaling.throughput import host
+from scaling.throughput import host, layer_rates
 from scaling.throughput.calibration import (FAMILIES, REF_MODEL_OPTS, VERSION, _empty, fit_alpha_beta, framework_version,
                                             gemm_source, load, monotone, ref_grad_bytes, save)
 
@@ -40,11 +40,13 @@ class Sizes:
     reps: int
     ref_runs: int = 3
     """Separate runs of the reference model per (backend, N > 1); their median is the overhead."""
+    tiny_layers: bool = False
+    """The layer table's small test grid (``layer_rates.TINY``)."""
 
 
 QUICK = Sizes((32, 64, 128, 256, 512), (1 << 10, 1 << 14, 1 << 18, 1 << 20, 1 << 22), 60, 5)
 FULL = Sizes((16, 32, 64, 128, 256, 512, 1024), (1 << 10, 1 << 12, 1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24), 60, 11)
-TINY = Sizes((32, 128), (1 << 10, 1 << 16), 8, 3, 1)
+TINY = Sizes((32, 128), (1 << 10, 1 << 16), 8, 3, 1, True)
 """For tests: seconds, not minutes."""
 
 
@@ -117,6 +119,17 @@ def measure_xla(n: int, sizes: Sizes, gemm_table: bool, timeout: float = 240.0) 
         return json.loads(out.read_text())
 
 
+def measure_xla_layers(sizes: Sizes, timeout: float = 600.0) -> dict[str, Any]:
+    """The layer table of one XLA-CPU device alone (``layer_rates.jax_table``), in its own process."""
+    with tempfile.TemporaryDirectory(prefix="podscale-cal-") as tmp:
+        out = Path(tmp) / "out.json"
+        spec = json.dumps({"out": str(out), "tiny": sizes.tiny_layers})
+        flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1").strip()
+        envs = [{"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "PODSCALE_CAL": spec}]
+        _spawn([sys.executable, "-m", "scaling.throughput.measure", "--worker", "xla-layers"], envs, timeout, "XLA-CPU layers")
+        return json.loads(out.read_text())
+
+
 def reference_step(backend: str, n: int, sizes: Sizes) -> float:
     """Step of the tiny reference model through the real backend at N devices: the median over
     ``sizes.ref_runs`` separate runs (N > 1) of each run's median step. On 2 shared cores the
@@ -161,6 +174,13 @@ def calibrate(backends: list[str], device_counts: list[int], sizes: Sizes = QUIC
     if "gloo" in fams and not data["gemm"].get("torch"):
         log(f"GEMM rates, torch, 1..{cores} threads")
         data["gemm"]["torch"] = torch_gemm_table(sizes.gemm, list(range(1, cores + 1)))
+    layers = data.setdefault("layers", {})
+    if "gloo" in fams and not layers.get("torch"):
+        log("layer and optimizer costs, torch, one thread")
+        layers["torch"] = {"framework_version": framework_version("torch"), **layer_rates.torch_table(sizes.tiny_layers)}
+    if "xla-cpu" in fams and not layers.get("jax"):
+        log("layer and optimizer costs, XLA-CPU, one device")
+        layers["jax"] = {"framework_version": framework_version("jax"), **measure_xla_layers(sizes)}
     for fam in sorted(fams):
         colls = data["collectives"].setdefault(fam, {})
         for n in device_counts:
@@ -207,7 +227,7 @@ def ensure(backends: list[str], device_counts: list[int], quick: bool = True, lo
     # backends this environment cannot run (torch-xla from the main venv) are calibrated by their own venv
     backends = [b for b in backends if b in FAMILIES and importlib.util.find_spec(FAMILIES[b][1]) is not None]
     missing_b = [b for b in backends if not all(str(n) in cal.get("backends", {}).get(b, {}).get("per_n", {}) for n in device_counts)
-                 or not cal.get("gemm", {}).get(gemm_source(b))]
+                 or not cal.get("gemm", {}).get(gemm_source(b)) or not cal.get("layers", {}).get(gemm_source(b))]
     if not missing_b:
         return cal
     return calibrate(missing_b, device_counts, QUICK if quick else FULL, log, existing=cal)
@@ -342,8 +362,12 @@ def _xla_worker() -> None:
 
 def _main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--worker", choices=("gloo", "xla"), required=True)
+    ap.add_argument("--worker", choices=("gloo", "xla", "xla-layers"), required=True)
     args = ap.parse_args()
+    if args.worker == "xla-layers":
+        spec = json.loads(os.environ["PODSCALE_CAL"])
+        Path(spec["out"]).write_text(json.dumps(layer_rates.jax_table(spec["tiny"])))
+        return
     _gloo_worker() if args.worker == "gloo" else _xla_worker()
 
 

@@ -54,6 +54,10 @@ class LayerWork:
     params: int
     fwd_kernels: int
     bwd_kernels: int
+    out_elems: float = 0.0
+    """Output elements per sample (the host step's layer table is keyed by them)."""
+    elementwise: float = 0.0
+    """The spec's elementwise FLOPs per sample (a bias alone is one per output)."""
 
     @property
     def matmul(self) -> bool:
@@ -72,15 +76,16 @@ def layer_works(costs: Sequence[Any], input_elems: int) -> tuple[LayerWork, ...]
             out.append(LayerWork(c.name, c.kind if c.kind in MATMUL_KINDS else "matmul", float(c.forward_flops),
                                  float(c.backward_flops), n_in + n_out + 2 * epi,
                                  (n_in + 2 * n_out if first else 2 * (n_in + n_out)) + 3 * epi, int(c.params),
-                                 1 + (1 if epi else 0), (1 if first else 2) + (1 if epi else 0)))
+                                 1 + (1 if epi else 0), (1 if first else 2) + (1 if epi else 0), n_out,
+                                 float(c.elementwise)))
         elif c.kind in ("bn", "layernorm", "batchnorm"):
-            out.append(LayerWork(c.name, c.kind, 0.0, 0.0, 3 * n_out, 5 * n_out, int(c.params), 1, 1))
+            out.append(LayerWork(c.name, c.kind, 0.0, 0.0, 3 * n_out, 5 * n_out, int(c.params), 1, 1, n_out))
         elif c.kind in ("maxpool", "avgpool", "gap"):
-            out.append(LayerWork(c.name, c.kind, 0.0, 0.0, n_in + n_out, n_in + n_out, int(c.params), 1, 1))
+            out.append(LayerWork(c.name, c.kind, 0.0, 0.0, n_in + n_out, n_in + n_out, int(c.params), 1, 1, n_out))
         elif c.kind == "embedding":
-            out.append(LayerWork(c.name, c.kind, 0.0, 0.0, 2 * n_out, 2 * n_out, int(c.params), 1, 1))
+            out.append(LayerWork(c.name, c.kind, 0.0, 0.0, 2 * n_out, 2 * n_out, int(c.params), 1, 1, n_out))
         else:  # relu, add, gelu, dropout, ...
-            out.append(LayerWork(c.name, c.kind, 0.0, 0.0, 2 * n_out, 3 * n_out, int(c.params), 1, 1))
+            out.append(LayerWork(c.name, c.kind, 0.0, 0.0, 2 * n_out, 3 * n_out, int(c.params), 1, 1, n_out))
         n_in = n_out
     return tuple(out)
 

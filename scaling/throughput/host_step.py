@@ -1,0 +1,99 @@
+"""One device's training step on this host composed from its layers, priced by the measured layer table.
+
+The table (``layer_rates``, written by ``podscale calibrate``) holds one device's forward + backward
+of each kind of layer on a grid of shapes, and the optimizer update on a grid of sizes. A model's
+step is then the sum over its op list (``roofline.LayerWork``) of each layer at its own shape:
+
+- a matmul layer (dense, conv, attention) is a GEMM of M = samples x positions rows, K inputs and N
+  outputs, recovered from the spec: K = forward FLOPs / (2 x outputs), N = parameters / K (outputs
+  per position), positions = outputs / N (a layer without parameters, attention's score and value
+  products, is taken as square: N = sqrt(outputs)). Its time is the table's seconds per FLOP at
+  (M, sqrt(K N)), bilinear in log-log over the grid and extrapolated from the nearest two points
+  beyond it, times the layer's FLOPs (a first layer, without an input gradient, does 2/3 of the
+  work of the table's layer). Convolutions read the conv table, the rest the dense one;
+- a layer whose epilogue does more than add a bias (an activation, softmax, GELU) adds one
+  elementwise layer on its outputs;
+- a norm reads its own curve (batch or layer norm); activations, adds, pools and embeddings the
+  elementwise curve, by the elements they write;
+- the optimizer update by the model's parameter count (log-log between the measured sizes).
+
+The reference model's share (its own layers and update, which its measured overhead already holds)
+is what ``_predict_host`` subtracts, so nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+from scaling.throughput.roofline import LayerWork
+
+NORM_KINDS = {"bn": "batchnorm", "batchnorm": "batchnorm", "layernorm": "layernorm"}
+
+
+def _loglog(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+    """ys at x, linear in (log x, log y) between neighbours, or from the nearest two beyond the ends."""
+    pts = sorted(zip(xs, ys))
+    xs, ys = [p[0] for p in pts], [max(p[1], 1e-12) for p in pts]
+    if len(xs) == 1:
+        return ys[0]
+    i = 1
+    while i < len(xs) - 1 and xs[i] < x:
+        i += 1
+    x0, x1 = math.log(xs[i - 1]), math.log(xs[i])
+    if x1 == x0:
+        return ys[i]
+    w = (math.log(max(x, 1e-12)) - x0) / (x1 - x0)
+    return math.exp(math.log(ys[i - 1]) + w * (math.log(ys[i]) - math.log(ys[i - 1])))
+
+
+def _grid_time(points: Sequence[Sequence[float]], m: float, s: float) -> float:
+    """Seconds per FLOP at (rows m, size s) from (M, K, N, seconds) points on a grid of M x S."""
+    per: dict[float, list[tuple[float, float]]] = {}
+    for mm, k, n, t in points:
+        per.setdefault(float(mm), []).append((math.sqrt(k * n), t / (6.0 * mm * k * n)))
+    rows = sorted(per)
+    at_m = [_loglog([p[0] for p in per[r]], [p[1] for p in per[r]], s) for r in rows]
+    return _loglog(rows, at_m, m)
+
+
+def _gemm_shape(w: LayerWork, batch: float) -> tuple[float, float]:
+    """(M rows, sqrt(K N)) of a matmul layer's GEMM at ``batch`` samples."""
+    outs = max(w.out_elems, 1.0)
+    k = max(w.fwd_flops / (2.0 * outs), 1.0)
+    n = w.params / k if w.params >= k else math.sqrt(outs)
+    n = max(min(n, outs), 1.0)
+    positions = max(outs / n, 1.0)
+    return batch * positions, math.sqrt(k * n)
+
+
+def layer_seconds(w: LayerWork, batch: float, table: dict[str, Any]) -> float:
+    """One layer's forward + backward at ``batch`` samples on one device alone."""
+    if w.matmul:
+        m, s = _gemm_shape(w, batch)
+        points = table["conv"] if w.kind == "conv" and table.get("conv") else table["dense"]
+        t = (w.fwd_flops + w.bwd_flops) * batch * _grid_time(points, m, s)
+        if w.elementwise > w.out_elems:  # an epilogue beyond the bias (the table's layer has one): activation, softmax
+            t += _curve(table["eltwise"], batch * w.out_elems)
+        return t
+    curve = table.get(NORM_KINDS.get(w.kind, "eltwise")) or table["eltwise"]
+    return _curve(curve, batch * max(w.out_elems, 1.0))
+
+
+def _curve(points: Sequence[Sequence[float]], x: float) -> float:
+    return _loglog([p[0] for p in points], [p[1] for p in points], max(x, 1.0))
+
+
+def update_seconds(params: float, table: dict[str, Any], optimizer: str) -> float:
+    pts = table.get(optimizer) or table.get("adam") or []
+    return _curve(pts, max(params, 1.0)) if pts else 0.0
+
+
+def step_seconds(works: Sequence[LayerWork], batch: float, table: dict[str, Any], optimizer: str) -> float:
+    """Forward + backward of every layer, and the optimizer update, of one device alone."""
+    params = sum(w.params for w in works)
+    return sum(layer_seconds(w, batch, table) for w in works) + update_seconds(params, table, optimizer)
+
+
+def has_table(table: Any) -> bool:
+    return bool(table) and all(table.get(k) for k in ("dense", "eltwise"))

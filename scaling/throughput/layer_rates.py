@@ -1,0 +1,188 @@
+"""Measuring one device's training cost of layers by kind and shape: the primitives a host step is composed of.
+
+A square-GEMM table prices a model's matmuls far too low on this kind of host: a dense layer's
+forward + backward in eager torch at 16 samples runs at ~20-25 GFLOP/s where its forward GEMM alone
+runs at ~90 (the weight gradient is written and accumulated, three kernels are dispatched, the
+weights do not stay in cache), a 3x3 convolution's at ~25, and the optimizer update (torch Adam:
+~3-7 ns per parameter past the caches) and the memory-bound layers (norms, activations) are not
+GEMMs at all. So ``podscale calibrate`` times each kind of layer's forward + backward on one device
+alone, on a small grid of shapes, and the optimizer update on a few sizes; ``host_step`` composes
+any model's step from these by its op list. Each entry is (shape..., seconds).
+
+Torch is timed eagerly on one thread (as a torch-ddp rank runs). JAX is timed one compiled program
+as the marginal cost of one more copy of the layer inside one program: a jax step is one XLA
+program, so a layer in it pays no dispatch of its own.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+#: (rows M = samples x positions, S = sqrt(K x N)) of the dense grid: square K = N = S
+DENSE_M = (16, 128, 1024)
+DENSE_S = (64, 256, 1024)
+#: channels C (3x3, C -> C, padding 1) and square spatial sides of the conv grid, at CONV_BATCH samples
+CONV_C = (8, 32, 128)
+CONV_HW = (2, 8, 16)
+CONV_BATCH = 16
+#: elements of the memory-bound layers' grid, and parameter counts of the optimizer grid
+ELEMS = (1 << 10, 1 << 14, 1 << 18, 1 << 21)
+PARAMS = (300, 1 << 14, 1 << 17, 1 << 20, 1 << 22)
+#: the tests' grids: seconds, not minutes
+TINY = {"dense_m": (16, 128), "dense_s": (64, 256), "conv_c": (8, 32), "conv_hw": (2, 8),
+        "elems": (1 << 10, 1 << 16), "params": (300, 1 << 16)}
+
+
+def grids(tiny: bool) -> dict[str, tuple[int, ...]]:
+    if tiny:
+        return dict(TINY)
+    return {"dense_m": DENSE_M, "dense_s": DENSE_S, "conv_c": CONV_C, "conv_hw": CONV_HW, "elems": ELEMS, "params": PARAMS}
+
+
+def _timed(fn: Callable[[], Any], budget_s: float = 0.08, reps: int = 5) -> float:
+    """Median seconds of one call, each repeat long enough (~budget_s) that a VM's jitter averages out."""
+    for _ in range(2):
+        fn()
+    t = time.perf_counter()
+    fn()
+    one = max(time.perf_counter() - t, 1e-7)
+    inner = max(1, min(200, int(budget_s / one)))
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        out.append((time.perf_counter() - t) / inner)
+    return statistics.median(out)
+
+
+# ---- torch (eager, one thread) --------------------------------------------------------------------
+
+
+def torch_table(tiny: bool = False) -> dict[str, Any]:
+    import torch
+
+    g = grids(tiny)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out: dict[str, Any] = {"dense": [], "conv": [], "eltwise": [], "layernorm": [], "batchnorm": [], "adam": [], "sgd": []}
+        for m in g["dense_m"]:
+            for s in g["dense_s"]:
+                lin = torch.nn.Linear(s, s)
+                x = torch.randn(m, s, requires_grad=True)
+
+                def dense() -> None:
+                    lin(x).sum().backward()
+
+                out["dense"].append((m, s, s, _timed(dense)))
+        for c in g["conv_c"]:
+            for hw in g["conv_hw"]:
+                conv = torch.nn.Conv2d(c, c, 3, padding=1, bias=False)
+                x = torch.randn(CONV_BATCH, c, hw, hw, requires_grad=True)
+
+                def cv() -> None:
+                    conv(x).sum().backward()
+
+                out["conv"].append((CONV_BATCH * hw * hw, 9 * c, c, _timed(cv)))
+        for n in g["elems"]:
+            x = torch.randn(n, requires_grad=True)
+            out["eltwise"].append((n, _timed(lambda: torch.relu(x).sum().backward())))
+            d = 128 if n >= 128 else n
+            xl = torch.randn(n // d, d, requires_grad=True)
+            ln = torch.nn.LayerNorm(d)
+            out["layernorm"].append((n, _timed(lambda: ln(xl).sum().backward())))
+            c = 16
+            side = max(1, int((n // (c * 4)) ** 0.5))
+            xb = torch.randn(4, c, side, side, requires_grad=True)
+            bn = torch.nn.BatchNorm2d(c)
+            out["batchnorm"].append((4 * c * side * side, _timed(lambda: bn(xb).sum().backward())))
+        for p in g["params"]:
+            ps = [torch.nn.Parameter(torch.randn(max(1, p // 4))) for _ in range(4)]
+            for q in ps:
+                q.grad = torch.randn_like(q)
+            for name, opt in (("adam", torch.optim.Adam(ps, lr=1e-6)), ("sgd", torch.optim.SGD(ps, lr=1e-6))):
+                out[name].append((4 * max(1, p // 4), _timed(opt.step)))
+        return out
+    finally:
+        torch.set_num_threads(old)
+
+
+# ---- jax (one XLA-CPU device, inside one program) -------------------------------------------------
+
+
+def jax_table(tiny: bool = False) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    g = grids(tiny)
+    # a layer's marginal cost inside one program: the forward + backward of five copies in a row less
+    # that of one, over four (a jax step is one XLA program, so its layers pay no dispatch, no transfer and no
+    # program set-up of their own). Not a fori_loop over copies: XLA-CPU runs a convolution's
+    # backward inside a loop 10-20x slower than the same convolution outside one.
+    def chained(layer: Callable[[Any, Any], Any], w: Any, x: Any, copies: int) -> float:
+        def loss(w_: Any, x_: Any) -> Any:
+            for _ in range(copies):
+                x_ = layer(w_, x_)
+            return jnp.sum(x_)
+
+        f = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        jax.block_until_ready(f(w, x))
+        return _timed(lambda: jax.block_until_ready(f(w, x)))
+
+    def looped(layer: Callable[[Any, Any], Any], carry: Any) -> float:
+        w, x = carry
+        return max((chained(layer, w, x, 5) - chained(layer, w, x, 1)) / 4, 1e-7)
+
+    out: dict[str, Any] = {"dense": [], "conv": [], "eltwise": [], "layernorm": [], "batchnorm": [], "adam": [], "sgd": []}
+    for m in g["dense_m"]:
+        for s in g["dense_s"]:
+            c = (jnp.ones((s, s), jnp.float32) * 1e-3, jnp.ones((m, s), jnp.float32))
+            out["dense"].append((m, s, s, looped((lambda w, x: x @ w), c)))
+    for ch in g["conv_c"]:
+        for hw in g["conv_hw"]:
+            def conv(w: Any, x: Any) -> Any:
+                return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            c = (jnp.ones((3, 3, ch, ch), jnp.float32) * 1e-3, jnp.ones((CONV_BATCH, hw, hw, ch), jnp.float32))
+            out["conv"].append((CONV_BATCH * hw * hw, 9 * ch, ch, looped((conv), c)))
+    for n in g["elems"]:
+        d = 128 if n >= 128 else n
+        x = jnp.ones((n // d, d), jnp.float32)
+        out["eltwise"].append((n, looped((lambda w, x_: jax.nn.relu(x_ * w)), (jnp.ones((), jnp.float32), x))))
+
+        def ln(w: Any, x_: Any) -> Any:
+            mu = x_.mean(-1, keepdims=True)
+            return (x_ - mu) * jax.lax.rsqrt(((x_ - mu) ** 2).mean(-1, keepdims=True) + 1e-5) * w
+
+        out["layernorm"].append((n, looped((ln), (jnp.ones((d,), jnp.float32), x))))
+        xb = x.reshape(-1, 16) if n >= 16 else x
+
+        def bn(w: Any, x_: Any) -> Any:
+            mu = x_.mean(0)
+            return (x_ - mu) * jax.lax.rsqrt(((x_ - mu) ** 2).mean(0) + 1e-5) * w
+
+        out["batchnorm"].append((int(xb.size), looped((bn), (jnp.ones((xb.shape[-1],), jnp.float32), xb))))
+    for p in g["params"]:
+        params = [jnp.ones((max(1, p // 4),), jnp.float32) for _ in range(4)]
+        grads = [jnp.full((max(1, p // 4),), 1e-3, jnp.float32) for _ in range(4)]
+        for name, tx in (("adam", optax.adam(1e-6)), ("sgd", optax.sgd(1e-6))):
+            state = tx.init(params)
+
+            def upd(ps: Any, st: Any, tx: Any = tx) -> Any:
+                u, st = tx.update(grads, st, ps)
+                return optax.apply_updates(ps, u), st
+
+            def twice(ps: Any, st: Any, upd: Any = upd) -> Any:
+                for _ in range(4):
+                    ps, st = upd(ps, st)
+                return upd(ps, st)
+
+            f1, f2 = jax.jit(upd), jax.jit(twice)
+            jax.block_until_ready((f1(params, state), f2(params, state)))
+            t1 = _timed(lambda: jax.block_until_ready(f1(params, state)))
+            t2 = _timed(lambda: jax.block_until_ready(f2(params, state)))
+            out[name].append((4 * max(1, p // 4), max((t2 - t1) / 4, 1e-7)))
+    return out

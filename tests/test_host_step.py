@@ -1,0 +1,113 @@
+"""The host step composed from the measured layer table: shapes recovered from the op list, the
+grid read exactly where its rule is exact, the reference model's share taken out once, and a real
+(tiny) layer table measured in both frameworks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from models.spec import get_spec
+from scaling.throughput import calibration, estimate, host_step, layer_rates
+from scaling.throughput.roofline import layer_works
+
+C, ALPHA, BETA = 3e-9, 0.7, 2.3
+
+
+def power_table() -> dict:
+    """Seconds that follow power laws (a matmul layer C M^ALPHA S^BETA, the memory-bound curves
+    2e-9 n^0.9, the update 1e-9 P^1.1): a log-log grid reads a power law exactly, inside the grid
+    and beyond it, so every figure below has a closed form."""
+    def mm(m: int, s: int) -> tuple[int, int, int, float]:
+        return (m, s, s, C * m**ALPHA * s**BETA)
+
+    curve = [(n, 2e-9 * n**0.9) for n in (1 << 10, 1 << 14, 1 << 18)]
+    return {"dense": [mm(m, s) for m in (16, 128) for s in (64, 256)],
+            "conv": [(m, 9 * c, c, 2 * C * m**ALPHA * math.sqrt(9 * c * c) ** BETA) for m in (64, 1024) for c in (8, 32)],
+            "eltwise": curve, "layernorm": [(n, 2 * t) for n, t in curve], "batchnorm": [(n, 3 * t) for n, t in curve],
+            "adam": [(p, 1e-9 * p**1.1) for p in (300, 1 << 16, 1 << 20)], "sgd": [(p, 1e-10 * p) for p in (300, 1 << 20)]}
+
+
+def per_flop(m: float, s: float, scale: float = 1.0) -> float:
+    """The table's seconds per FLOP of a (M, S) layer: t / (6 M S^2), as the closed form gives it."""
+    return scale * C * m**ALPHA * s**BETA / (6 * m * s * s)
+
+
+def test_gemm_shapes_come_back_from_the_op_list():
+    """M, K and N of each matmul layer from FLOPs, outputs and parameters, against the specs' own
+    options: an mlp's dense layers, a ResNet's 3x3 and 1x1 convolutions, a transformer's projections."""
+    mlp = layer_works(get_spec("mlp", d_in=256, hidden=1024, d_out=10).layer_costs(), 256)
+    assert host_step._gemm_shape(mlp[0], 16) == pytest.approx((16, math.sqrt(256 * 1024)), rel=0.01)
+    assert host_step._gemm_shape(mlp[1], 16) == pytest.approx((16, math.sqrt(1024 * 10)), rel=0.01)
+    spec = get_spec("resnet18", small=True, image_size=16, width=16, num_classes=10)
+    w = {x.name: x for x in layer_works(spec.layer_costs(), 3 * 16 * 16)}
+    assert host_step._gemm_shape(w["stem.conv"], 2) == pytest.approx((2 * 16 * 16, math.sqrt(27 * 16)))
+    assert host_step._gemm_shape(w["layer2.0.conv2"], 2) == pytest.approx((2 * 8 * 8, math.sqrt(9 * 32 * 32)))
+    assert host_step._gemm_shape(w["layer3.0.down.conv"], 2) == pytest.approx((2 * 4 * 4, math.sqrt(32 * 64)))
+    gpt = get_spec("gpt-tiny")
+    g = {x.name: x for x in layer_works(gpt.layer_costs(), 64)}
+    d, t = gpt.d_model, gpt.seq_len
+    assert host_step._gemm_shape(g["h0.attn.qkv"], 4) == pytest.approx((4 * t, math.sqrt(d * 3 * d)), rel=0.02)  # bias: +1%
+
+
+def test_layers_read_the_grid_exactly_where_its_rule_is_exact():
+    tab = power_table()
+    spec = get_spec("resnet18", small=True, image_size=16, width=16, num_classes=10)
+    w = {x.name: x for x in layer_works(spec.layer_costs(), 3 * 16 * 16)}
+    conv = w["layer4.1.conv2"]  # 128 channels at 2x2: beyond the conv grid in both M and S
+    m, s = 16 * 4, math.sqrt(9 * 128 * 128)
+    assert host_step.layer_seconds(conv, 16, tab) == pytest.approx(16 * (conv.fwd_flops + conv.bwd_flops) * per_flop(m, s, 2))
+    stem = w["stem.conv"]  # the first layer: no input gradient, 2/3 of the table layer's FLOPs
+    assert stem.bwd_flops == stem.fwd_flops
+    assert host_step.layer_seconds(stem, 16, tab) == pytest.approx(
+        16 * 2 * stem.fwd_flops * per_flop(16 * 256, math.sqrt(27 * 16), 2))
+    assert host_step.layer_seconds(w["layer1.0.bn1"], 16, tab) == pytest.approx(3 * 2e-9 * (16 * 4096) ** 0.9)
+    relu = next(x for x in layer_works(spec.layer_costs(), 3 * 16 * 16) if x.kind == "relu")  # the stem's: 16 x 16 x 16
+    assert host_step.layer_seconds(relu, 8, tab) == pytest.approx(2e-9 * (8 * 4096) ** 0.9)
+    # a dense layer with bias + relu adds one elementwise pass on its outputs; bias alone does not
+    fc1, fc2 = layer_works(get_spec("mlp", d_in=256, hidden=1024, d_out=10).layer_costs(), 256)
+    assert host_step.layer_seconds(fc1, 16, tab) == pytest.approx(
+        16 * (fc1.fwd_flops + fc1.bwd_flops) * per_flop(16, 512) + 2e-9 * (16 * 1024) ** 0.9)
+    assert host_step.layer_seconds(fc2, 16, tab) == pytest.approx(16 * (fc2.fwd_flops + fc2.bwd_flops) * per_flop(16, math.sqrt(10240)))
+    assert host_step.update_seconds(1e6, tab, "adam") == pytest.approx(1e-9 * 1e6**1.1)
+    assert host_step.update_seconds(1e6, tab, "sgd") == pytest.approx(1e-10 * 1e6)
+
+
+def test_the_host_prediction_adds_the_models_layers_less_the_reference_ones():
+    """step = overhead(N) + slowdown(N) x (the model's layers + update - the reference model's, at
+    the one sample per device its step ran) + all-reduce beyond the reference's bytes."""
+    cal = calibration._empty()
+    cal["cores"] = 2
+    cal["gemm"] = {"torch": {"fp32": {"1": {"64": 1e9}}}}
+    cal["layers"] = {"torch": power_table()}
+    cal["backends"]["torch-ddp"] = {"ref_grad_bytes": 1156, "per_n": {"4": {"overhead_s": 2e-3, "slowdown": 2.5}}}
+    cal["collectives"]["gloo"] = {"4": {"points": [[1024, 1e-4], [1 << 24, 1e-2]], "alpha": 1e-4, "bw": 1.7e9}}
+    spec = get_spec("mlp", d_in=256, hidden=1024, d_out=10)
+    wl = estimate.workload(spec)
+    est = estimate.predict_step(wl, "host-cpu", 4, 64, backend="torch-ddp", calibration=cal, optimizer="adam")
+    tab = cal["layers"]["torch"]
+    ref = layer_works(get_spec("mlp", **calibration.REF_MODEL_OPTS).layer_costs(), 16)
+    model_s = sum(host_step.layer_seconds(w, 16, tab) for w in wl.works) + 1e-9 * spec.param_count**1.1
+    ref_s = sum(host_step.layer_seconds(w, 1, tab) for w in ref) + 1e-9 * 289**1.1
+    ar = lambda b: 1e-4 + (b - 1024) * (1e-2 - 1e-4) / ((1 << 24) - 1024)  # noqa: E731 - the measured line
+    assert est.compute_s == pytest.approx(2.5 * (model_s - ref_s))
+    assert est.step_time_s == pytest.approx(2e-3 + 2.5 * (model_s - ref_s) + ar(spec.grad_bytes()) - ar(1156))
+    sgd = estimate.predict_step(wl, "host-cpu", 4, 64, backend="torch-ddp", calibration=cal, optimizer="sgd")
+    assert sgd.compute_s == pytest.approx(2.5 * (model_s - 1e-9 * spec.param_count**1.1 + 1e-10 * spec.param_count
+                                                 - ref_s + 1e-9 * 289**1.1 - 1e-10 * 289))
+
+
+@pytest.mark.parametrize("table", ["torch", "jax"])
+def test_real_layer_tables(table):
+    """The tiny grids, measured for real: every entry positive, and 16x the FLOPs take longer."""
+    tab = layer_rates.torch_table(tiny=True) if table == "torch" else layer_rates.jax_table(tiny=True)
+    g = layer_rates.TINY
+    assert [(m, s) for m, s, _, _ in tab["dense"]] == [(m, s) for m in g["dense_m"] for s in g["dense_s"]]
+    assert len(tab["conv"]) == len(g["conv_c"]) * len(g["conv_hw"])
+    for kind in ("eltwise", "layernorm", "batchnorm", "adam", "sgd"):
+        assert len(tab[kind]) == len(g["elems" if kind not in ("adam", "sgd") else "params"])
+    assert all(p[-1] > 0 for k in tab for p in tab[k])
+    dense = {(m, s): t for m, s, _, t in tab["dense"]}
+    assert dense[(128, 256)] > dense[(128, 64)]  # 16x the FLOPs
+    assert host_step.has_table(tab)
