@@ -57,14 +57,16 @@ def test_an_uncalibrated_n_takes_the_cores_out_before_interpolating(backend, fam
     cores = 2
     ideal = (lambda n: max(1.0, n / cores)) if family == "gloo" else (lambda n: float(n))
     curve = {1: [(1024, 1e-6), (1 << 20, 1e-6)], 4: [(1024, 4e-4), (1 << 20, 3e-3)], 8: [(1024, 8e-4), (1 << 20, 7e-3)]}
-    cal = _synthetic(backend, family, cores, ideal, lambda n: 1e-3 * n, curve)
+    overhead = lambda n: 1e-3 * n**0.5 * ideal(n)  # noqa: E731 - a power law of N on top of the cores' share
+    cal = _synthetic(backend, family, cores, ideal, overhead, curve)
     sub = calibration.restricted(cal, [1, 8])  # as `podscale calibrate --devices 1,8` would write it
     assert sorted(sub["backends"][backend]["per_n"]) == sorted(sub["collectives"][family]) == ["1", "8"]
     assert calibration.host_terms(sub, backend, 4).slowdown == pytest.approx(ideal(4))
+    assert calibration.host_terms(sub, backend, 4).overhead == pytest.approx(overhead(4))  # across N = C for gloo
     for n in (2, 16):
         t = calibration.host_terms(cal, backend, n)
         assert t.interpolated and t.slowdown == pytest.approx(ideal(n))
-        assert t.overhead == pytest.approx(1e-3 * n)  # a power law of N is a line in log-log
+        assert t.overhead == pytest.approx(overhead(n))  # the cores' share out, a power law of N is a line in log-log
     # the curve: between the multi-device counts only (N=1's "all-reduce" moves nothing)
     t6 = calibration.host_terms(cal, backend, 6)
     w = (math.log(6) - math.log(4)) / (math.log(8) - math.log(4))
