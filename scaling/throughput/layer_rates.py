@@ -41,14 +41,8 @@ def grids(tiny: bool) -> dict[str, tuple[int, ...]]:
     return {"dense_m": DENSE_M, "dense_s": DENSE_S, "conv_c": CONV_C, "conv_hw": CONV_HW, "elems": ELEMS, "params": PARAMS}
 
 
-def _timed(fn: Callable[[], Any], budget_s: float = 0.08, reps: int = 5) -> float:
-    """Median seconds of one call, each repeat long enough (~budget_s) that a VM's jitter averages out."""
-    for _ in range(2):
-        fn()
-    t = time.perf_counter()
-    fn()
-    one = max(time.perf_counter() - t, 1e-7)
-    inner = max(1, min(200, int(budget_s / one)))
+def time_calls(fn: Callable[[], Any], reps: int, inner: int) -> float:
+    """Median over ``reps`` of the mean time of ``inner`` back-to-back calls."""
     out = []
     for _ in range(reps):
         t = time.perf_counter()
@@ -56,6 +50,16 @@ def _timed(fn: Callable[[], Any], budget_s: float = 0.08, reps: int = 5) -> floa
             fn()
         out.append((time.perf_counter() - t) / inner)
     return statistics.median(out)
+
+
+def _timed(fn: Callable[[], Any], budget_s: float = 0.08, reps: int = 5) -> float:
+    """Median seconds of one call, each repeat long enough (~budget_s) that a VM's jitter averages out."""
+    for _ in range(2):
+        fn()
+    t = time.perf_counter()
+    fn()
+    one = max(time.perf_counter() - t, 1e-7)
+    return time_calls(fn, reps, max(1, min(200, int(budget_s / one))))
 
 
 # ---- torch (eager, one thread) --------------------------------------------------------------------

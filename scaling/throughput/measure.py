@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from scaling.errors import RunFailed, UsageError
 from scaling.throughput import host, layer_rates
+from scaling.throughput.layer_rates import time_calls as _time_calls
 from scaling.throughput.calibration import (FAMILIES, REF_MODEL_OPTS, VERSION, _empty, fit_alpha_beta, framework_version,
                                             gemm_source, load, monotone, ref_grad_bytes, save)
 
@@ -234,17 +235,6 @@ def ensure(backends: list[str], device_counts: list[int], quick: bool = True, lo
 
 
 # ---- workers (run in subprocesses) ------------------------------------------------------------
-
-
-def _time_calls(fn: Callable[[], Any], reps: int, inner: int) -> float:
-    """Median over ``reps`` of the mean time of ``inner`` back-to-back calls."""
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        out.append((time.perf_counter() - t) / inner)
-    return statistics.median(out)
 
 
 def _gloo_worker() -> None:
