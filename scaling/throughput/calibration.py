@@ -31,7 +31,7 @@ import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from scaling.errors import UsageError
 from scaling.throughput import catalog, host
@@ -213,8 +213,8 @@ def host_terms(cal: dict[str, Any], backend: str, n: int, dtype: str = "float32"
         raise UsageError(f"{backend} is calibrated at N={ns[0]} only; run `podscale calibrate --devices 1,2,4,8`")
     # the overhead is per-rank CPU work too: N gloo ranks do it on C cores (across N = C, where
     # plain log-log from N = 1, 2 gave 5 ms at N = 4 on 2 cores and the step took 7.6-11)
-    o = contention(fam, n, cores) * _loglog(ns, [per_n[m]["overhead_s"] / contention(fam, m, cores) for m in ns], n)
-    s = contention(fam, n, cores) * _loglog(ns, [per_n[m]["slowdown"] / contention(fam, m, cores) for m in ns], n)
+    o = contention(fam, n, cores) * loglog(ns, [per_n[m]["overhead_s"] / contention(fam, m, cores) for m in ns], n)
+    s = contention(fam, n, cores) * loglog(ns, [per_n[m]["slowdown"] / contention(fam, m, cores) for m in ns], n)
     # one device has nothing to all-reduce: its "collective" is a no-op, not a point on the curve
     multi = [m for m in ns if m >= 2 and str(m) in coll] if n >= 2 else []
     if not multi:
@@ -224,19 +224,19 @@ def host_terms(cal: dict[str, Any], backend: str, n: int, dtype: str = "float32"
         xs = [p[0] for p in curves[0][2]]
         same = all([p[0] for p in c[2]] == xs for c in curves)
         if same and min(multi) <= n <= max(multi):  # between two calibrated curves: point by point
-            pts = monotone([(x, _loglog(multi, [c[2][i][1] for c in curves], n)) for i, x in enumerate(xs)])
+            pts = monotone([(x, loglog(multi, [c[2][i][1] for c in curves], n)) for i, x in enumerate(xs)])
         elif same:
             # beyond them the smallest message's time (latency, and at N > C the scheduling of N
             # ranks) and each larger message's time past it are extrapolated apart: point by point, a
             # latency growing 50x from N = 2 to 8 swamps the bytes' share and the curve comes out
             # falling with size (gloo from N = 2, 8 to 16 here: 160 ms at 1 KiB, 67 ms at 1 MiB)
-            base = _loglog(multi, [c[2][0][1] for c in curves], n)
-            inc = [_loglog(multi, [max(c[2][i][1] - c[2][0][1], 1e-9) for c in curves], n) for i in range(len(xs))]
+            base = loglog(multi, [c[2][0][1] for c in curves], n)
+            inc = [loglog(multi, [max(c[2][i][1] - c[2][0][1], 1e-9) for c in curves], n) for i in range(len(xs))]
             pts = monotone([(x, base + (d if i else 0.0)) for i, (x, d) in enumerate(zip(xs, inc))])
         else:
             pts = list(curves[-1][2])
-        a = _loglog(multi, [max(c[3], 1e-9) for c in curves], n)
-        bw = _loglog(multi, [c[4] for c in curves], n)
+        a = loglog(multi, [max(c[3], 1e-9) for c in curves], n)
+        bw = loglog(multi, [c[4] for c in curves], n)
         if len(multi) == 1:  # one curve to go on: a ring moves 2(N-1)/N of the bytes per device
             k = ((n - 1) / n) / ((multi[0] - 1) / multi[0])
             pts, bw = [(x, t * k) for x, t in pts], bw / k
@@ -260,9 +260,11 @@ def floor(family: str, n: int, cores: int, measured: float) -> float:
     return max(1.0, measured, contention(family, n, cores) if family == "gloo" else 1.0)
 
 
-def _loglog(xs: list[int], ys: list[float], x: int) -> float:
+def loglog(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
     """ys at x, linear in (log x, log y) between x's neighbours among xs, or from the nearest two
     beyond the range; one point: that point."""
+    pts = sorted(zip(xs, ys))
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     if len(xs) == 1:
         return ys[0]
     if x in xs:

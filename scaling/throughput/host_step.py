@@ -26,25 +26,10 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+from scaling.throughput.calibration import loglog
 from scaling.throughput.roofline import LayerWork
 
 NORM_KINDS = {"bn": "batchnorm", "batchnorm": "batchnorm", "layernorm": "layernorm"}
-
-
-def _loglog(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
-    """ys at x, linear in (log x, log y) between neighbours, or from the nearest two beyond the ends."""
-    pts = sorted(zip(xs, ys))
-    xs, ys = [p[0] for p in pts], [max(p[1], 1e-12) for p in pts]
-    if len(xs) == 1:
-        return ys[0]
-    i = 1
-    while i < len(xs) - 1 and xs[i] < x:
-        i += 1
-    x0, x1 = math.log(xs[i - 1]), math.log(xs[i])
-    if x1 == x0:
-        return ys[i]
-    w = (math.log(max(x, 1e-12)) - x0) / (x1 - x0)
-    return math.exp(math.log(ys[i - 1]) + w * (math.log(ys[i]) - math.log(ys[i - 1])))
 
 
 def _grid_time(points: Sequence[Sequence[float]], m: float, s: float) -> float:
@@ -53,8 +38,8 @@ def _grid_time(points: Sequence[Sequence[float]], m: float, s: float) -> float:
     for mm, k, n, t in points:
         per.setdefault(float(mm), []).append((math.sqrt(k * n), t / (6.0 * mm * k * n)))
     rows = sorted(per)
-    at_m = [_loglog([p[0] for p in per[r]], [p[1] for p in per[r]], s) for r in rows]
-    return _loglog(rows, at_m, m)
+    at_m = [loglog([p[0] for p in per[r]], [p[1] for p in per[r]], s) for r in rows]
+    return loglog(rows, at_m, m)
 
 
 def _gemm_shape(w: LayerWork, batch: float) -> tuple[float, float]:
@@ -81,7 +66,7 @@ def layer_seconds(w: LayerWork, batch: float, table: dict[str, Any]) -> float:
 
 
 def _curve(points: Sequence[Sequence[float]], x: float) -> float:
-    return _loglog([p[0] for p in points], [p[1] for p in points], max(x, 1.0))
+    return loglog([p[0] for p in points], [p[1] for p in points], max(x, 1.0))
 
 
 def update_seconds(params: float, table: dict[str, Any], optimizer: str) -> float:

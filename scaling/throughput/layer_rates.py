@@ -9,9 +9,9 @@ GEMMs at all. So ``podscale calibrate`` times each kind of layer's forward + bac
 alone, on a small grid of shapes, and the optimizer update on a few sizes; ``host_step`` composes
 any model's step from these by its op list. Each entry is (shape..., seconds).
 
-Torch is timed eagerly on one thread (as a torch-ddp rank runs). JAX is timed one compiled program
-as the marginal cost of one more copy of the layer inside one program: a jax step is one XLA
-program, so a layer in it pays no dispatch of its own.
+Torch is timed eagerly on one thread (as a torch-ddp rank runs). JAX is timed as the marginal cost
+of one more copy of the layer inside one compiled program: a jax step is one XLA program, so a layer
+in it pays no dispatch of its own.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def jax_table(tiny: bool = False) -> dict[str, Any]:
         jax.block_until_ready(f(w, x))
         return _timed(lambda: jax.block_until_ready(f(w, x)))
 
-    def looped(layer: Callable[[Any, Any], Any], carry: Any) -> float:
+    def marginal(layer: Callable[[Any, Any], Any], carry: Any) -> float:
         w, x = carry
         return max((chained(layer, w, x, 5) - chained(layer, w, x, 1)) / 4, 1e-7)
 
@@ -145,30 +145,30 @@ def jax_table(tiny: bool = False) -> dict[str, Any]:
     for m in g["dense_m"]:
         for s in g["dense_s"]:
             c = (jnp.ones((s, s), jnp.float32) * 1e-3, jnp.ones((m, s), jnp.float32))
-            out["dense"].append((m, s, s, looped((lambda w, x: x @ w), c)))
+            out["dense"].append((m, s, s, marginal(lambda w, x: x @ w, c)))
     for ch in g["conv_c"]:
         for hw in g["conv_hw"]:
             def conv(w: Any, x: Any) -> Any:
                 return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
             c = (jnp.ones((3, 3, ch, ch), jnp.float32) * 1e-3, jnp.ones((CONV_BATCH, hw, hw, ch), jnp.float32))
-            out["conv"].append((CONV_BATCH * hw * hw, 9 * ch, ch, looped((conv), c)))
+            out["conv"].append((CONV_BATCH * hw * hw, 9 * ch, ch, marginal(conv, c)))
     for n in g["elems"]:
         d = 128 if n >= 128 else n
         x = jnp.ones((n // d, d), jnp.float32)
-        out["eltwise"].append((n, looped((lambda w, x_: jax.nn.relu(x_ * w)), (jnp.ones((), jnp.float32), x))))
+        out["eltwise"].append((n, marginal(lambda w, x_: jax.nn.relu(x_ * w), (jnp.ones((), jnp.float32), x))))
 
         def ln(w: Any, x_: Any) -> Any:
             mu = x_.mean(-1, keepdims=True)
             return (x_ - mu) * jax.lax.rsqrt(((x_ - mu) ** 2).mean(-1, keepdims=True) + 1e-5) * w
 
-        out["layernorm"].append((n, looped((ln), (jnp.ones((d,), jnp.float32), x))))
+        out["layernorm"].append((n, marginal(ln, (jnp.ones((d,), jnp.float32), x))))
         xb = x.reshape(-1, 16) if n >= 16 else x
 
         def bn(w: Any, x_: Any) -> Any:
             mu = x_.mean(0)
             return (x_ - mu) * jax.lax.rsqrt(((x_ - mu) ** 2).mean(0) + 1e-5) * w
 
-        out["batchnorm"].append((int(xb.size), looped((bn), (jnp.ones((xb.shape[-1],), jnp.float32), xb))))
+        out["batchnorm"].append((int(xb.size), marginal(bn, (jnp.ones((xb.shape[-1],), jnp.float32), xb))))
     for p in g["params"]:
         params = [jnp.ones((max(1, p // 4),), jnp.float32) for _ in range(4)]
         grads = [jnp.full((max(1, p // 4),), 1e-3, jnp.float32) for _ in range(4)]
@@ -179,12 +179,12 @@ def jax_table(tiny: bool = False) -> dict[str, Any]:
                 u, st = tx.update(grads, st, ps)
                 return optax.apply_updates(ps, u), st
 
-            def twice(ps: Any, st: Any, upd: Any = upd) -> Any:
+            def five(ps: Any, st: Any, upd: Any = upd) -> Any:
                 for _ in range(4):
                     ps, st = upd(ps, st)
                 return upd(ps, st)
 
-            f1, f2 = jax.jit(upd), jax.jit(twice)
+            f1, f2 = jax.jit(upd), jax.jit(five)
             jax.block_until_ready((f1(params, state), f2(params, state)))
             t1 = _timed(lambda: jax.block_until_ready(f1(params, state)))
             t2 = _timed(lambda: jax.block_until_ready(f2(params, state)))
