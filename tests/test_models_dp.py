@@ -61,10 +61,10 @@ def _reference(groups: int) -> dict[str, np.ndarray]:
     return mflax.to_canonical(spec, nnx.merge(graphdef, state))
 
 
-def _close(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+def _close(a: dict[str, np.ndarray], b: dict[str, np.ndarray], atol: float = 2e-5, rtol: float = 1e-4) -> None:
     assert set(a) == set(b)
     for k in a:
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=2e-5, err_msg=k)
+        np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=k)
 
 
 def test_sync_bn_equals_one_device(run_cli, tmp_path: Path) -> None:
@@ -74,9 +74,19 @@ def test_sync_bn_equals_one_device(run_cli, tmp_path: Path) -> None:
 
 
 def test_per_device_bn_equals_split_reference(run_cli, tmp_path: Path) -> None:
-    ref = _reference(4)
-    _close(_train(run_cli, tmp_path, "t4", "--devices", "4"), ref)
-    _close(_train(run_cli, tmp_path, "j4", "--devices", "4", "--backend", "jax-pmap"), ref)
+    """Statistics over 8 samples amplify float32 rounding in the backward. On an AVX-512 host
+    torch's per-device run and the JAX reference land 1.5e-4 apart on the stem after 3 steps; with
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 they agree to 1e-7 and jax-pmap is 1.5e-4 off
+    instead: kernel choice, not semantics. So the band is 5e-4, and what makes it a test is the
+    other side: every parameter sits at least 10x closer to the per-device reference than the
+    per-device and synchronised computations are to each other (49x on that host)."""
+    ref, sync = _reference(4), _reference(1)
+    for tag, *flags in (("t4",), ("j4", "--backend", "jax-pmap")):
+        got = _train(run_cli, tmp_path, tag, "--devices", "4", *flags)
+        _close(got, ref, atol=5e-4, rtol=1e-3)
+        for k in ref:
+            apart = float(np.abs(ref[k] - sync[k]).max())
+            assert float(np.abs(got[k] - ref[k]).max()) <= apart / 10 + 1e-6, (tag, k, apart)
 
 
 def test_digits_accuracy(run_cli, tmp_path: Path) -> None:
