@@ -57,12 +57,21 @@ def test_an_uncalibrated_n_takes_the_cores_out_before_interpolating(backend, fam
     cores = 2
     ideal = (lambda n: max(1.0, n / cores)) if family == "gloo" else (lambda n: float(n))
     curve = {1: [(1024, 1e-6), (1 << 20, 1e-6)], 4: [(1024, 4e-4), (1 << 20, 3e-3)], 8: [(1024, 8e-4), (1 << 20, 7e-3)]}
-    overhead = lambda n: 1e-3 * n**0.5 * ideal(n)  # noqa: E731 - a power law of N on top of the cores' share
+    hops = lambda n: 2 * (n - 1)  # noqa: E731 - a ring all-reduce's sequential steps
+    if family == "gloo":  # one rank's step + a ring of 2(N-1) hops, each 2e-4 N^0.5 s, stretched N/C past the cores
+        overhead = lambda n: 1e-3 + 2e-4 * n**0.5 * hops(n) * ideal(n)  # noqa: E731
+    else:  # one process's N devices: a power law of N on top of the cores' share
+        overhead = lambda n: 1e-3 * n**0.5 * ideal(n)  # noqa: E731
     cal = _synthetic(backend, family, cores, ideal, overhead, curve)
     sub = calibration.restricted(cal, [1, 8])  # as `podscale calibrate --devices 1,8` would write it
     assert sorted(sub["backends"][backend]["per_n"]) == sorted(sub["collectives"][family]) == ["1", "8"]
     assert calibration.host_terms(sub, backend, 4).slowdown == pytest.approx(ideal(4))
-    assert calibration.host_terms(sub, backend, 4).overhead == pytest.approx(overhead(4))  # across N = C for gloo
+    # across N = C for gloo: from one multi-rank count, its per-hop cost is all there is to go on
+    o4 = 1e-3 + 2e-4 * 8**0.5 * hops(4) * ideal(4) if family == "gloo" else overhead(4)
+    assert calibration.host_terms(sub, backend, 4).overhead == pytest.approx(o4)
+    if family == "gloo":  # from N = 1, 2 alone: linear in the one-to-two jump, not its square (log-log of the step)
+        two = _synthetic(backend, family, cores, ideal, overhead, {1: curve[1], 2: curve[4]})
+        assert calibration.host_terms(two, backend, 4).overhead == pytest.approx(1e-3 + (overhead(2) - 1e-3) * 3 * 2)
     for n in (2, 16):
         t = calibration.host_terms(cal, backend, n)
         assert t.interpolated and t.slowdown == pytest.approx(ideal(n))

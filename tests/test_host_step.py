@@ -60,8 +60,14 @@ def test_layers_read_the_grid_exactly_where_its_rule_is_exact():
     assert host_step.layer_seconds(conv, 16, tab) == pytest.approx(16 * (conv.fwd_flops + conv.bwd_flops) * per_flop(m, s, 2))
     stem = w["stem.conv"]  # the first layer: no input gradient, 2/3 of the table layer's FLOPs
     assert stem.bwd_flops == stem.fwd_flops
+    s0 = math.sqrt(9 * 8 * 8)  # its sqrt(27 x 16) = 20.8 is below the grid's smallest S: costed at that S
     assert host_step.layer_seconds(stem, 16, tab) == pytest.approx(
-        16 * 2 * stem.fwd_flops * per_flop(16 * 256, math.sqrt(27 * 16), 2))
+        16 * 2 * stem.fwd_flops * (s0 / math.sqrt(27 * 16)) ** 2 * per_flop(16 * 256, s0, 2))
+    # below the grid in both M and S (the reference's 16 -> 1 layer at 1 sample): the smallest
+    # layer's time, a fixed cost, not a per-FLOP rate extrapolated down
+    out = layer_works(get_spec("mlp", d_in=16, hidden=16, d_out=1).layer_costs(), 16)[1]
+    assert host_step.layer_seconds(out, 1, tab) == pytest.approx(C * 16**ALPHA * 64**BETA, rel=0.01)
+    assert host_step.update_seconds(100, tab, "adam") == pytest.approx(1e-9 * 300**1.1)  # below the curve: its first point
     assert host_step.layer_seconds(w["layer1.0.bn1"], 16, tab) == pytest.approx(3 * 2e-9 * (16 * 4096) ** 0.9)
     relu = next(x for x in layer_works(spec.layer_costs(), 3 * 16 * 16) if x.kind == "relu")  # the stem's: 16 x 16 x 16
     assert host_step.layer_seconds(relu, 8, tab) == pytest.approx(2e-9 * (8 * 4096) ** 0.9)

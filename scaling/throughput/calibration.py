@@ -214,6 +214,8 @@ def host_terms(cal: dict[str, Any], backend: str, n: int, dtype: str = "float32"
     # the overhead is per-rank CPU work too: N gloo ranks do it on C cores (across N = C, where
     # plain log-log from N = 1, 2 gave 5 ms at N = 4 on 2 cores and the step took 7.6-11)
     o = contention(fam, n, cores) * loglog(ns, [per_n[m]["overhead_s"] / contention(fam, m, cores) for m in ns], n)
+    if fam == "gloo" and 1 in per_n and len(ns) >= 2:
+        o = gloo_overhead({m: per_n[m]["overhead_s"] for m in ns}, n, cores)
     s = contention(fam, n, cores) * loglog(ns, [per_n[m]["slowdown"] / contention(fam, m, cores) for m in ns], n)
     # one device has nothing to all-reduce: its "collective" is a no-op, not a point on the curve
     multi = [m for m in ns if m >= 2 and str(m) in coll] if n >= 2 else []
@@ -241,6 +243,26 @@ def host_terms(cal: dict[str, Any], backend: str, n: int, dtype: str = "float32"
             k = ((n - 1) / n) / ((multi[0] - 1) / multi[0])
             pts, bw = [(x, t * k) for x, t in pts], bw / k
     return HostTerms(o, floor(fam, n, cores, s), tuple(pts), a, bw, ref_bytes, rates, True, layers)  # type: ignore[arg-type]
+
+
+def gloo_overhead(measured: dict[int, float], n: int, cores: int) -> float:
+    """The reference step of N gloo ranks from the counts measured (N = 1 among them): one rank's
+    step plus the all-reduce's ring, 2(N - 1) hops a step, each hop's wait stretched N/C-fold once N
+    ranks share C cores. The per-hop cost is read off each measured count and interpolated in
+    log-log between them (constant from one). Log-log of the whole step from N = 1, 2 squares the
+    jump from one process to two into N = 4 (on this host 0.35 -> 1.3 ms gave 10 ms, on CI's 0.35
+    -> 1.9 gave 21: the step took 8-11), and N = 1 is not a point of the ring's curve at all."""
+    base = measured[1]
+    if n == 1:
+        return base
+    multi = sorted(m for m in measured if m >= 2)
+    hop = [max(measured[m] - base, 1e-9) / (ring_hops(m) * contention("gloo", m, cores)) for m in multi]
+    return base + loglog(multi, hop, n) * ring_hops(n) * contention("gloo", n, cores)
+
+
+def ring_hops(n: int) -> int:
+    """Sequential steps of a ring all-reduce over N ranks: N - 1 to reduce-scatter, N - 1 to gather."""
+    return 2 * (n - 1)
 
 
 def contention(family: str, n: int, cores: int) -> float:

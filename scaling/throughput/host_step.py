@@ -9,8 +9,9 @@ step is then the sum over its op list (``roofline.LayerWork``) of each layer at 
   per position), positions = outputs / N (a layer without parameters, attention's score and value
   products, is taken as square: N = sqrt(outputs)). Its time is the table's seconds per FLOP at
   (M, sqrt(K N)), bilinear in log-log over the grid and extrapolated from the nearest two points
-  beyond it, times the layer's FLOPs (a first layer, without an input gradient, does 2/3 of the
-  work of the table's layer). Convolutions read the conv table, the rest the dense one;
+  above it (below it: the smallest shape's time, a fixed cost), times the layer's FLOPs (a first
+  layer, without an input gradient, does 2/3 of the work of the table's layer).
+  Convolutions read the conv table, the rest the dense one;
 - a layer whose epilogue does more than add a bias (an activation, softmax, GELU) adds one
   elementwise layer on its outputs;
 - a norm reads its own curve (batch or layer norm); activations, adds, pools and embeddings the
@@ -57,7 +58,12 @@ def layer_seconds(w: LayerWork, batch: float, table: dict[str, Any]) -> float:
     if w.matmul:
         m, s = _gemm_shape(w, batch)
         points = table["conv"] if w.kind == "conv" and table.get("conv") else table["dense"]
-        t = (w.fwd_flops + w.bwd_flops) * batch * _grid_time(points, m, s)
+        # below the grid's smallest shape a layer costs what that shape costs (dispatch and the
+        # backward's fixed work): extrapolating seconds per FLOP down from the nearest two points
+        # gave the reference's 16 -> 1 layer at 1 sample more time than its 16 -> 16 one, and a
+        # 64 -> 10 layer at 32 samples half the smallest measured layer's time
+        mc, sc = max(m, min(p[0] for p in points)), max(s, min(math.sqrt(p[1] * p[2]) for p in points))
+        t = (w.fwd_flops + w.bwd_flops) * batch * (mc / m) * (sc / s) ** 2 * _grid_time(points, mc, sc)
         if w.elementwise > w.out_elems:  # an epilogue beyond the bias (the table's layer has one): activation, softmax
             t += _curve(table["eltwise"], batch * w.out_elems)
         return t
@@ -66,7 +72,9 @@ def layer_seconds(w: LayerWork, batch: float, table: dict[str, Any]) -> float:
 
 
 def _curve(points: Sequence[Sequence[float]], x: float) -> float:
-    return loglog([p[0] for p in points], [p[1] for p in points], max(x, 1.0))
+    """Seconds at size x; below the smallest size measured, that size's seconds (a fixed cost)."""
+    xs = [p[0] for p in points]
+    return loglog(xs, [p[1] for p in points], max(x, min(xs)))
 
 
 def update_seconds(params: float, table: dict[str, Any], optimizer: str) -> float:

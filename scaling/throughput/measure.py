@@ -40,7 +40,7 @@ class Sizes:
     ref_steps: int
     reps: int
     ref_runs: int = 3
-    """Separate runs of the reference model per (backend, N > 1); their median is the overhead."""
+    """Separate runs of the reference model per (backend, N); their median is the overhead."""
     tiny_layers: bool = False
     """The layer table's small test grid (``layer_rates.TINY``)."""
 
@@ -133,10 +133,10 @@ def measure_xla_layers(sizes: Sizes, timeout: float = 600.0) -> dict[str, Any]:
 
 def reference_step(backend: str, n: int, sizes: Sizes) -> float:
     """Step of the tiny reference model through the real backend at N devices: the median over
-    ``sizes.ref_runs`` separate runs (N > 1) of each run's median step. On 2 shared cores the
-    median step of one multi-rank run varies run to run far more than within a run (2 gloo ranks:
-    1.5 to 3.4 ms over five runs here), so one run's figure would be replayed into every
-    prediction."""
+    ``sizes.ref_runs`` separate runs of each run's median step. On 2 shared cores the median step
+    of one multi-rank run varies run to run far more than within a run (2 gloo ranks: 1.5 to 3.4
+    ms over five runs here), and one torch run at N = 1 too (0.35 to 0.44 ms), so one run's figure
+    would be replayed into every prediction."""
     from scaling.world import run_local
     from scaling.config import RunConfig
     from scaling.meter import median_step_time
@@ -145,7 +145,7 @@ def reference_step(backend: str, n: int, sizes: Sizes) -> float:
     cfg = RunConfig(backend=backend, model="mlp", devices=n, global_batch=n, steps=sizes.ref_steps,
                     untimed_steps=untimed, model_opts={k: str(v) for k, v in REF_MODEL_OPTS.items()},
                     step_timeout=120.0, startup_timeout=300.0)
-    runs = [median_step_time(run_local(cfg)["step_times"], untimed) for _ in range(sizes.ref_runs if n > 1 else 1)]
+    runs = [median_step_time(run_local(cfg)["step_times"], untimed) for _ in range(sizes.ref_runs)]
     return statistics.median(runs)
 
 
