@@ -58,7 +58,7 @@ def measured_workload(raw: dict[str, Any], global_batch: int) -> estimate.Worklo
     return estimate.Workload(str(raw.get("model", "script")), int(raw.get("params", 0)), float(flops) / global_batch,
                              int(comm[0]) if comm else int(raw.get("grad_bytes", 0)), (),
                              source=f"measured: {rec.get('source', 'first step')}",
-                             op_flops=tuple(float(f) for f in rec.get("gemm_flops", ())))
+                             op_flops=tuple(float(f) for f in rec.get("gemm_flops", ())), optimizer=rec.get("optimizer"))
 
 
 def predicted_parts(cfg: RunConfig, hw_id: str, workload: estimate.Workload | None) -> dict[str, float] | None:

@@ -522,6 +522,7 @@ class _Loop:
                 local[step - start] = loss.detach().to(local.dtype)
             if record is None:
                 record = summarize_ops(recorder.ops)  # type: ignore[union-attr]
+                record["optimizer"] = optimizer_kind(self.opt)
                 record["comm_bytes"] = sharding_torch.comm_bytes(self.model, self.sharding) if self.twin is not None \
                     else _bucket_bytes(wrapped)
             window_n += 1
@@ -825,6 +826,14 @@ def _bucket_bytes(m: Any) -> float | None:
         return float(sum(int(x) for x in sizes.split(",") if x.strip()))
     except Exception:  # noqa: BLE001 - not DDP, or a private API that changed: "not measured"
         return None
+
+
+def optimizer_kind(opt: torch.optim.Optimizer) -> str | None:
+    """Which of the layer table's update curves prices this optimizer's step (``adam`` for Adam and
+    AdamW: the same four passes over the state), or None for one it has no curve for. A user's
+    script builds its own optimizer, so the prediction reads it off the run, not off --optimizer."""
+    name = type(opt).__name__.lower()
+    return "adam" if name in ("adam", "adamw") else "sgd" if name == "sgd" else None
 
 
 def _record_for_json(record: dict[str, Any] | None) -> dict[str, Any] | None:

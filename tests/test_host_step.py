@@ -117,3 +117,23 @@ def test_real_layer_tables(table):
     dense = {(m, s): t for m, s, _, t in tab["dense"]}
     assert dense[(128, 256)] > dense[(128, 64)]  # 16x the FLOPs
     assert host_step.has_table(tab)
+
+
+def test_a_users_measured_step_adds_its_own_optimizers_update():
+    """A user's script is priced from its recorded matmul calls; its optimizer's update (read off
+    the run, not --optimizer) comes from the table by its parameters, less the reference's 289
+    (below the curve's first point, 300: that point's time). Unknown optimizer: no update priced."""
+    cal = calibration._empty()
+    cal["cores"] = 2
+    cal["gemm"] = {"torch": {"fp32": {"1": {"64": 1e9}}}}
+    cal["layers"] = {"torch": power_table()}
+    cal["backends"]["torch-ddp"] = {"ref_grad_bytes": 1156, "per_n": {"2": {"overhead_s": 2e-3, "slowdown": 2.5}}}
+    cal["collectives"]["gloo"] = {"2": {"points": [[1024, 1e-4], [1 << 24, 1e-2]], "alpha": 1e-4, "bw": 1.7e9}}
+
+    def compute(optimizer):
+        wl = estimate.Workload("script", 10**6, 1.0, 1156, (), source="measured", op_flops=(1e6, 2e6), optimizer=optimizer)
+        return estimate.predict_step(wl, "host-cpu", 2, 32, backend="torch-ddp", calibration=cal).compute_s
+
+    assert compute(None) == pytest.approx(2.5 * 3e6 / 1e9)
+    assert compute("adam") == pytest.approx(2.5 * (3e6 / 1e9 + 1e-9 * (1e6**1.1 - 300**1.1)))
+    assert compute("sgd") == pytest.approx(2.5 * (3e6 / 1e9 + 1e-10 * (1e6 - 300)))

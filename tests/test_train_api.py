@@ -93,6 +93,7 @@ def test_flops_of_the_step_equal_the_closed_form(runs) -> None:
             assert result["mfu"] == pytest.approx(result["achieved_flops"] / result["peak_flops"])
         ops = result["op_record"]["by_op"]
         assert {"convolution", "convolution_backward", "addmm", "mm"} <= set(ops)
+        assert result["op_record"]["optimizer"] == "adam"  # the script's own torch.optim.Adam: its update is priced
 
 
 def test_gradient_bytes_come_from_ddp(runs) -> None:

@@ -60,6 +60,8 @@ class Workload:
     """Per-layer FLOPs and bytes per sample (the roofline's input); empty: compute-only pieces."""
     activations_per_sample: float | None = None
     """Activation values one sample keeps for backward (the spec's layers); None: a paper's figures only."""
+    optimizer: str | None = None
+    """The update curve a measured run's own optimizer reads (``adam``, ``sgd``); None: unknown, unpriced."""
 
     def roofline_works(self) -> tuple[LayerWork, ...]:
         return self.works or flops_only_works(self.train_flops_per_sample, self.params)
@@ -230,6 +232,13 @@ def predict_step(model_spec: Any, hw_id: str, devices: int, global_batch: float,
                     launch_s=parts.launch_s, slices=slices)
 
 
+def _ref_params() -> int:
+    """Parameters of the calibration's reference model (its update is in the measured overhead)."""
+    from models.spec import get_spec
+
+    return int(get_spec("mlp", **REF_MODEL_OPTS).param_count)
+
+
 def _predict_host(wl: Workload, hw: catalog.Hardware, n: int, global_batch: float, dtype: str, backend: str,
                   calibration: Any, optimizer: str = "adam") -> Estimate:
     hw = replace(hw, peak_flops={})  # host-cpu's peak comes from the calibration (no second measurement)
@@ -248,6 +257,11 @@ def _predict_host(wl: Workload, hw: catalog.Hardware, n: int, global_batch: floa
                         - host_step.step_seconds(ref, 1.0, terms.layers, optimizer))  # type: ignore[arg-type]
     elif wl.op_flops:  # measured calls: each one GEMM/conv of that many FLOPs
         compute_1 = sum(f / terms.gemm_rate(f) for f in wl.op_flops)
+        if wl.optimizer and host_step.has_table(terms.layers):
+            # plus the run's own optimizer update by its parameters, less the reference's (in its overhead)
+            ref_params = _ref_params()
+            compute_1 += max(0.0, host_step.update_seconds(wl.params, terms.layers, wl.optimizer)  # type: ignore[arg-type]
+                             - host_step.update_seconds(ref_params, terms.layers, wl.optimizer))  # type: ignore[arg-type]
     else:
         layers = wl.layer_flops or (wl.train_flops_per_sample,)
         compute_1 = sum(f * per_dev / terms.gemm_rate(f * per_dev / 3.0) for f in layers)
