@@ -39,8 +39,10 @@ class Sizes:
     messages: tuple[int, ...]
     ref_steps: int
     reps: int
-    ref_runs: int = 3
-    """Separate runs of the reference model per (backend, N); their median is the overhead."""
+    ref_runs: int = 5
+    """Separate runs of the reference model per (backend, N); their median is the overhead. Five, not
+    three: two gloo ranks' reference step came out 1.26, 1.33 and 2.1 ms in three calibrations of
+    three runs each, and a prediction beyond the calibrated N multiplies that error (x6 at N = 4)."""
     tiny_layers: bool = False
     """The layer table's small test grid (``layer_rates.TINY``)."""
 
