@@ -34,6 +34,18 @@ def per_flop(m: float, s: float, scale: float = 1.0) -> float:
     return scale * C * m**ALPHA * s**BETA / (6 * m * s * s)
 
 
+def torch_cal(n: int) -> dict:
+    """A torch-ddp calibration at N = n of made-up terms: overhead 2 ms, slowdown 2.5, a GEMM rate of
+    1 GFLOP/s, the power-law layer table, and an all-reduce line from 1 KiB to 16 MiB."""
+    cal = calibration._empty()
+    cal["cores"] = 2
+    cal["gemm"] = {"torch": {"fp32": {"1": {"64": 1e9}}}}
+    cal["layers"] = {"torch": power_table()}
+    cal["backends"]["torch-ddp"] = {"ref_grad_bytes": 1156, "per_n": {str(n): {"overhead_s": 2e-3, "slowdown": 2.5}}}
+    cal["collectives"]["gloo"] = {str(n): {"points": [[1024, 1e-4], [1 << 24, 1e-2]], "alpha": 1e-4, "bw": 1.7e9}}
+    return cal
+
+
 def test_gemm_shapes_come_back_from_the_op_list():
     """M, K and N of each matmul layer from FLOPs, outputs and parameters, against the specs' own
     options: an mlp's dense layers, a ResNet's 3x3 and 1x1 convolutions, a transformer's projections."""
@@ -83,12 +95,7 @@ def test_layers_read_the_grid_exactly_where_its_rule_is_exact():
 def test_the_host_prediction_adds_the_models_layers_less_the_reference_ones():
     """step = overhead(N) + slowdown(N) x (the model's layers + update - the reference model's, at
     the one sample per device its step ran) + all-reduce beyond the reference's bytes."""
-    cal = calibration._empty()
-    cal["cores"] = 2
-    cal["gemm"] = {"torch": {"fp32": {"1": {"64": 1e9}}}}
-    cal["layers"] = {"torch": power_table()}
-    cal["backends"]["torch-ddp"] = {"ref_grad_bytes": 1156, "per_n": {"4": {"overhead_s": 2e-3, "slowdown": 2.5}}}
-    cal["collectives"]["gloo"] = {"4": {"points": [[1024, 1e-4], [1 << 24, 1e-2]], "alpha": 1e-4, "bw": 1.7e9}}
+    cal = torch_cal(4)
     spec = get_spec("mlp", d_in=256, hidden=1024, d_out=10)
     wl = estimate.workload(spec)
     est = estimate.predict_step(wl, "host-cpu", 4, 64, backend="torch-ddp", calibration=cal, optimizer="adam")
@@ -123,12 +130,7 @@ def test_a_users_measured_step_adds_its_own_optimizers_update():
     """A user's script is priced from its recorded matmul calls; its optimizer's update (read off
     the run, not --optimizer) comes from the table by its parameters, less the reference's 289
     (below the curve's first point, 300: that point's time). Unknown optimizer: no update priced."""
-    cal = calibration._empty()
-    cal["cores"] = 2
-    cal["gemm"] = {"torch": {"fp32": {"1": {"64": 1e9}}}}
-    cal["layers"] = {"torch": power_table()}
-    cal["backends"]["torch-ddp"] = {"ref_grad_bytes": 1156, "per_n": {"2": {"overhead_s": 2e-3, "slowdown": 2.5}}}
-    cal["collectives"]["gloo"] = {"2": {"points": [[1024, 1e-4], [1 << 24, 1e-2]], "alpha": 1e-4, "bw": 1.7e9}}
+    cal = torch_cal(2)
 
     def compute(optimizer):
         wl = estimate.Workload("script", 10**6, 1.0, 1156, (), source="measured", op_flops=(1e6, 2e6), optimizer=optimizer)

@@ -213,9 +213,10 @@ def host_terms(cal: dict[str, Any], backend: str, n: int, dtype: str = "float32"
         raise UsageError(f"{backend} is calibrated at N={ns[0]} only; run `podscale calibrate --devices 1,2,4,8`")
     # the overhead is per-rank CPU work too: N gloo ranks do it on C cores (across N = C, where
     # plain log-log from N = 1, 2 gave 5 ms at N = 4 on 2 cores and the step took 7.6-11)
-    o = contention(fam, n, cores) * loglog(ns, [per_n[m]["overhead_s"] / contention(fam, m, cores) for m in ns], n)
-    if fam == "gloo" and 1 in per_n and len(ns) >= 2:
+    if fam == "gloo" and 1 in per_n:
         o = gloo_overhead({m: per_n[m]["overhead_s"] for m in ns}, n, cores)
+    else:
+        o = contention(fam, n, cores) * loglog(ns, [per_n[m]["overhead_s"] / contention(fam, m, cores) for m in ns], n)
     s = contention(fam, n, cores) * loglog(ns, [per_n[m]["slowdown"] / contention(fam, m, cores) for m in ns], n)
     # one device has nothing to all-reduce: its "collective" is a no-op, not a point on the curve
     multi = [m for m in ns if m >= 2 and str(m) in coll] if n >= 2 else []

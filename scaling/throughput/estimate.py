@@ -232,11 +232,11 @@ def predict_step(model_spec: Any, hw_id: str, devices: int, global_batch: float,
                     launch_s=parts.launch_s, slices=slices)
 
 
-def _ref_params() -> int:
-    """Parameters of the calibration's reference model (its update is in the measured overhead)."""
+def _ref_spec() -> Any:
+    """The calibration's reference model: its layers and update are in the measured overhead already."""
     from models.spec import get_spec
 
-    return int(get_spec("mlp", **REF_MODEL_OPTS).param_count)
+    return get_spec("mlp", **REF_MODEL_OPTS)
 
 
 def _predict_host(wl: Workload, hw: catalog.Hardware, n: int, global_batch: float, dtype: str, backend: str,
@@ -250,18 +250,15 @@ def _predict_host(wl: Workload, hw: catalog.Hardware, n: int, global_batch: floa
     if wl.works and host_step.has_table(terms.layers) and dtype == "float32":
         # the spec's layers at their shapes, from the measured layer table, less the reference
         # model's own layers and update (its measured step, the overhead, holds them already)
-        from models.spec import get_spec
-
-        ref = layer_works(get_spec("mlp", **REF_MODEL_OPTS).layer_costs(), REF_MODEL_OPTS["d_in"])
+        ref = layer_works(_ref_spec().layer_costs(), REF_MODEL_OPTS["d_in"])
         compute_1 = max(0.0, host_step.step_seconds(wl.works, per_dev, terms.layers, optimizer)  # type: ignore[arg-type]
                         - host_step.step_seconds(ref, 1.0, terms.layers, optimizer))  # type: ignore[arg-type]
     elif wl.op_flops:  # measured calls: each one GEMM/conv of that many FLOPs
         compute_1 = sum(f / terms.gemm_rate(f) for f in wl.op_flops)
         if wl.optimizer and host_step.has_table(terms.layers):
             # plus the run's own optimizer update by its parameters, less the reference's (in its overhead)
-            ref_params = _ref_params()
             compute_1 += max(0.0, host_step.update_seconds(wl.params, terms.layers, wl.optimizer)  # type: ignore[arg-type]
-                             - host_step.update_seconds(ref_params, terms.layers, wl.optimizer))  # type: ignore[arg-type]
+                             - host_step.update_seconds(_ref_spec().param_count, terms.layers, wl.optimizer))  # type: ignore[arg-type]
     else:
         layers = wl.layer_flops or (wl.train_flops_per_sample,)
         compute_1 = sum(f * per_dev / terms.gemm_rate(f * per_dev / 3.0) for f in layers)
