@@ -16,7 +16,7 @@ from typing import Any
 
 from models.spec import get_spec
 from scaling import __version__
-from scaling.throughput import catalog, estimate, host
+from scaling.throughput import catalog, estimate, host, host_step
 from scaling.config import RunConfig
 from scaling.errors import Diverged, UsageError
 from scaling.meter import median_step_time, run_peak, throughput
@@ -49,7 +49,7 @@ def predict(cfg: RunConfig, hw_id: str, measured: estimate.Workload | None = Non
 
 def measured_workload(raw: dict[str, Any], global_batch: int) -> estimate.Workload | None:
     """The throughput model's view of a user's model: what its first step's op record measured
-    (FLOPs of each matmul/conv call, gradient bytes as DDP bucketed them), not a spec."""
+    (FLOPs of each matmul/conv call, its forward op by op, gradient bytes as DDP bucketed them), not a spec."""
     flops = raw.get("model_flops_per_step")
     if not flops:
         return None
@@ -58,7 +58,9 @@ def measured_workload(raw: dict[str, Any], global_batch: int) -> estimate.Worklo
     return estimate.Workload(str(raw.get("model", "script")), int(raw.get("params", 0)), float(flops) / global_batch,
                              int(comm[0]) if comm else int(raw.get("grad_bytes", 0)), (),
                              source=f"measured: {rec.get('source', 'first step')}",
-                             op_flops=tuple(float(f) for f in rec.get("gemm_flops", ())), optimizer=rec.get("optimizer"))
+                             op_flops=tuple(float(f) for f in rec.get("gemm_flops", ())), optimizer=rec.get("optimizer"),
+                             recorded=host_step.recorded_works(rec["layers"], rec.get("batch") or 1, rec.get("backward_gemm_flops", 0))
+                             if rec.get("layers") else ())
 
 
 def predicted_parts(cfg: RunConfig, hw_id: str, workload: estimate.Workload | None) -> dict[str, float] | None:

@@ -287,34 +287,77 @@ def _as_tensor(x: Any) -> torch.Tensor:
 
 class OpRecorder(TorchDispatchMode):
     """Every op torch counts FLOPs for (``torch.utils.flop_counter``'s own formulas, the numbers
-    ``FlopCounterMode`` sums), with its shapes and the bytes of its inputs and outputs."""
+    ``FlopCounterMode`` sums), with its shapes and the bytes of its inputs and outputs; and the
+    forward pass op by op (``layers``: each matmul's GEMM shape, each other op's output elements),
+    which the host predictor prices as layers of its measured table, as it does a spec's. The loop
+    sets ``phase`` to "loss" once the model's forward is done: the loss and the backward are not
+    layers of the model (the calibration's reference step holds a loss of its own)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ops: list[dict[str, Any]] = []
+        self.phase = "forward"
+        self.layers: dict[tuple[Any, ...], int] = {}
+        self.backward_flops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         packet = func._overloadpacket
+        flops = 0
         if packet in flop_registry:
             flops = int(flop_registry[packet](*args, **kwargs, out_val=out))
             ins = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
             outs = [a for a in tree_flatten(out)[0] if isinstance(a, torch.Tensor)]
             self.ops.append({"op": packet.__name__, "shapes": [list(a.shape) for a in ins], "flops": flops,
                              "bytes": int(sum(a.numel() * a.element_size() for a in ins + outs))})
+        if self.phase == "forward" and torch.is_grad_enabled():
+            key = _layer_key(func, packet, out, flops)
+            if key is not None:
+                self.layers[key] = self.layers.get(key, 0) + 1
+        elif self.phase != "forward" and not torch.is_grad_enabled():  # the autograd engine's backward
+            self.backward_flops += flops
         return out
 
 
-def summarize_ops(ops: Sequence[dict[str, Any]]) -> dict[str, Any]:
+#: ops whose output is a norm's (the table has curves of their own)
+_NORM_OPS = {"native_batch_norm": "batchnorm", "_native_batch_norm_legit": "batchnorm",
+             "_native_batch_norm_legit_no_training": "batchnorm", "native_layer_norm": "layernorm"}
+
+
+def _layer_key(func: Any, packet: Any, out: Any, flops: int) -> tuple[Any, ...] | None:
+    """(kind, GEMM m, k, n, forward FLOPs, output elements) of one forward op, or None for one that
+    is no layer: a view (an in-place op writes, and counts) or an op on a scalar (batch norm's
+    step counter: one dispatch, no backward; the table's smallest layer costs 10-20x that)."""
+    if any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns):
+        return None
+    first = next((a for a in tree_flatten(out)[0] if isinstance(a, torch.Tensor)), None)
+    if first is None or first.numel() <= 1:
+        return None
+    elems = int(first.numel())
+    name = packet.__name__
+    if flops and first.dim() >= 2:
+        conv = name.startswith("convolution") or name.startswith("conv")
+        n = int(first.shape[1] if conv else first.shape[-1])
+        return ("conv" if conv else "dense", elems // n, flops / (2.0 * elems), n, flops, elems)
+    return (_NORM_OPS.get(name, "eltwise"), 0, 0.0, 0, 0, elems)
+
+
+def summarize_ops(ops: Sequence[dict[str, Any]], recorder: OpRecorder | None = None, batch: int | None = None) -> dict[str, Any]:
     by_op: dict[str, dict[str, int]] = {}
     for o in ops:
         e = by_op.setdefault(o["op"], {"calls": 0, "flops": 0, "bytes": 0})
         e["calls"] += 1
         e["flops"] += o["flops"]
         e["bytes"] += o["bytes"]
-    return {"flops": int(sum(o["flops"] for o in ops)), "bytes": int(sum(o["bytes"] for o in ops)), "by_op": by_op,
-            "gemm_flops": [o["flops"] for o in ops if o["flops"]]}
+    out: dict[str, Any] = {"flops": int(sum(o["flops"] for o in ops)), "bytes": int(sum(o["bytes"] for o in ops)),
+                           "by_op": by_op, "gemm_flops": [o["flops"] for o in ops if o["flops"]]}
+    if recorder is not None:
+        out["layers"] = [{"kind": k[0], "m": k[1], "k": k[2], "n": k[3], "fwd_flops": k[4], "elems": k[5], "count": c}
+                         for k, c in recorder.layers.items()]
+        out["backward_gemm_flops"] = int(recorder.backward_flops)
+        out["batch"] = batch
+    return out
 
 
 # ---- fit -------------------------------------------------------------------------------------------
@@ -498,6 +541,8 @@ class _Loop:
             with recorder:
                 with autocast:
                     out = wrapped(inputs)
+                if isinstance(recorder, OpRecorder):
+                    recorder.phase = "loss"
                 loss = self._loss(out, targets, first=record is None)
                 loss.backward()
             if record is None:  # gradients at their fullest, before the optimizer step frees them
@@ -521,7 +566,7 @@ class _Loop:
             else:
                 local[step - start] = loss.detach().to(local.dtype)
             if record is None:
-                record = summarize_ops(recorder.ops)  # type: ignore[union-attr]
+                record = summarize_ops(recorder.ops, recorder, self.loader.global_batch // self.loader.world)  # type: ignore[union-attr,arg-type]
                 record["optimizer"] = optimizer_kind(self.opt)
                 record["comm_bytes"] = sharding_torch.comm_bytes(self.model, self.sharding) if self.twin is not None \
                     else _bucket_bytes(wrapped)

@@ -139,3 +139,57 @@ def test_a_users_measured_step_adds_its_own_optimizers_update():
     assert compute(None) == pytest.approx(2.5 * 3e6 / 1e9)
     assert compute("adam") == pytest.approx(2.5 * (3e6 / 1e9 + 1e-9 * (1e6**1.1 - 300**1.1)))
     assert compute("sgd") == pytest.approx(2.5 * (3e6 / 1e9 + 1e-10 * (1e6 - 300)))
+
+
+def record_step(model, x):
+    """What ``fit``'s first step records of ``model`` at ``x``: its forward op by op, then the backward."""
+    import torch
+
+    from scaling.train_torch import OpRecorder, summarize_ops
+
+    with OpRecorder() as rec:
+        out = model(x)
+        rec.phase = "loss"
+        torch.nn.functional.mse_loss(out, torch.zeros_like(out)).backward()
+    return summarize_ops(rec.ops, rec, x.shape[0])
+
+
+@pytest.mark.parametrize("name,opts,batch", [
+    ("mlp", {"d_in": 256, "hidden": 1024, "d_out": 10}, 16),
+    ("resnet18", {"small": True, "image_size": 16, "width": 16, "num_classes": 10}, 8)])
+def test_a_recorded_step_is_priced_as_its_spec_is(name, opts, batch):
+    """A user's script has no spec: its first step's recorded forward (each matmul's GEMM shape,
+    each other op's outputs) is priced from the same table. For the zoo's own torch modules the
+    record must give the very layers the spec's op list does, and so the same seconds: FLOPs
+    forward and backward (the first layer computes no input gradient) and every layer's kind."""
+    import torch
+
+    from models.torch import build
+
+    spec = get_spec(name, **opts)
+    rec = record_step(build(spec), torch.randn(batch, *spec.input_shape))
+    got = host_step.recorded_works(rec["layers"], rec["batch"], rec["backward_gemm_flops"])
+    want = layer_works(spec.layer_costs(), math.prod(spec.input_shape))
+    assert sum(w.fwd_flops for w in got) == pytest.approx(sum(w.fwd_flops for w in want))
+    assert sum(w.bwd_flops for w in got) == pytest.approx(sum(w.bwd_flops for w in want))
+    assert sorted(w.kind for w in got if w.matmul) == sorted(w.kind for w in want if w.matmul)
+    assert sum(not w.matmul for w in got) == sum(not w.matmul for w in want) + sum(  # an mlp's ReLU: the spec's epilogue
+        1 for w in want if w.matmul and w.elementwise > w.out_elems)
+    tab = power_table()
+    for b in (1, batch, 4 * batch):  # and at other per-device batches than the one recorded
+        assert host_step.step_seconds(got, b, tab, "adam", spec.param_count) == pytest.approx(
+            host_step.step_seconds(want, b, tab, "adam"), rel=1e-9)
+
+
+def test_the_input_layer_is_priced_without_an_input_gradient():
+    """Backward = two GEMMs per matmul, but the first recorded one gets what the recorded backward
+    FLOPs leave: one GEMM for a layer on the data, two when its input needs a gradient too."""
+    layers = [{"kind": "dense", "m": 32, "k": 64.0, "n": 128, "fwd_flops": 2 * 32 * 64 * 128, "elems": 32 * 128, "count": 1},
+              {"kind": "eltwise", "m": 0, "k": 0.0, "n": 0, "fwd_flops": 0, "elems": 32 * 128, "count": 1},
+              {"kind": "dense", "m": 32, "k": 128.0, "n": 10, "fwd_flops": 2 * 32 * 128 * 10, "elems": 320, "count": 2}]
+    f0, f1 = 2 * 64 * 128, 2 * 128 * 10  # per sample
+    on_data = host_step.recorded_works(layers, 32, 32 * (f0 + 2 * 2 * f1))
+    assert [w.bwd_flops for w in on_data] == [f0, 0.0, 2 * f1, 2 * f1]
+    assert [w.kind for w in on_data] == ["dense", "eltwise", "dense", "dense"]
+    assert on_data[0].gemm == (1.0, math.sqrt(64 * 128)) and on_data[1].out_elems == 128
+    assert host_step.recorded_works(layers, 32, 32 * (2 * f0 + 4 * f1))[0].bwd_flops == 2 * f0

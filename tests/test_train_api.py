@@ -94,6 +94,14 @@ def test_flops_of_the_step_equal_the_closed_form(runs) -> None:
         ops = result["op_record"]["by_op"]
         assert {"convolution", "convolution_backward", "addmm", "mm"} <= set(ops)
         assert result["op_record"]["optimizer"] == "adam"  # the script's own torch.optim.Adam: its update is priced
+        # the forward op by op, as the host predictor prices it: each matmul's GEMM (rows, K, N), the
+        # ReLUs by their outputs, no view (flatten), no loss op; the backward's matmul FLOPs in one sum
+        rec, b = result["op_record"], GB // n
+        assert [(x["kind"], x["m"], x["k"], x["n"], x["count"]) for x in rec["layers"] if x["fwd_flops"]] == [
+            ("conv", b * 8 * 8, 9 * 1, 16, 1), ("conv", b * 4 * 4, 9 * 16, 32, 1), ("dense", b, 512, 10, 1)]
+        assert [(x["kind"], x["elems"]) for x in rec["layers"] if not x["fwd_flops"]] == [
+            ("eltwise", b * 16 * 8 * 8), ("eltwise", b * 32 * 4 * 4)]
+        assert rec["backward_gemm_flops"] == b * (2 * (conv1 + conv2 + fc) + 2 * (conv2 + fc)) and rec["batch"] == b
 
 
 def test_gradient_bytes_come_from_ddp(runs) -> None:

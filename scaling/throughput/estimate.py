@@ -62,6 +62,10 @@ class Workload:
     """Activation values one sample keeps for backward (the spec's layers); None: a paper's figures only."""
     optimizer: str | None = None
     """The update curve a measured run's own optimizer reads (``adam``, ``sgd``); None: unknown, unpriced."""
+    recorded: tuple[LayerWork, ...] = ()
+    """A measured run's forward op by op as layers (``host_step.recorded_works``): the host prices
+    them from its layer table as it prices a spec's ``works``. Host-only: the ops a CPU step ran are
+    not the kernels a GPU would, so the catalog's roofline keeps to the FLOPs."""
 
     def roofline_works(self) -> tuple[LayerWork, ...]:
         return self.works or flops_only_works(self.train_flops_per_sample, self.params)
@@ -247,13 +251,17 @@ def _predict_host(wl: Workload, hw: catalog.Hardware, n: int, global_batch: floa
         raise UsageError("no calibration of this host yet: run `podscale calibrate` (host-cpu predictions are measured, not guessed)")
     terms = host_terms(cal, backend, n, dtype)
     per_dev = global_batch / n
-    if wl.works and host_step.has_table(terms.layers) and dtype == "float32":
-        # the spec's layers at their shapes, from the measured layer table, less the reference
-        # model's own layers and update (its measured step, the overhead, holds them already)
+    works = wl.works or wl.recorded
+    if works and host_step.has_table(terms.layers) and dtype == "float32":
+        # the spec's (or the run's recorded) layers at their shapes, from the measured layer table,
+        # less the reference model's own layers and update (its measured step, the overhead, holds
+        # them already). A recorded run's update is its own optimizer's (None: unpriced on both sides)
+        opt = optimizer if wl.works else wl.optimizer
         ref = layer_works(_ref_spec().layer_costs(), REF_MODEL_OPTS["d_in"])
-        compute_1 = max(0.0, host_step.step_seconds(wl.works, per_dev, terms.layers, optimizer)  # type: ignore[arg-type]
-                        - host_step.step_seconds(ref, 1.0, terms.layers, optimizer))  # type: ignore[arg-type]
-    elif wl.op_flops:  # measured calls: each one GEMM/conv of that many FLOPs
+        compute_1 = max(0.0, host_step.step_seconds(works, per_dev, terms.layers, opt,  # type: ignore[arg-type]
+                                                    None if wl.works else wl.params)
+                        - host_step.step_seconds(ref, 1.0, terms.layers, opt))  # type: ignore[arg-type]
+    elif wl.op_flops:  # measured calls without a forward record (an older run): each one GEMM/conv of that many FLOPs
         compute_1 = sum(f / terms.gemm_rate(f) for f in wl.op_flops)
         if wl.optimizer and host_step.has_table(terms.layers):
             # plus the run's own optimizer update by its parameters, less the reference's (in its overhead)

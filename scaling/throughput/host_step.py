@@ -45,6 +45,8 @@ def _grid_time(points: Sequence[Sequence[float]], m: float, s: float) -> float:
 
 def _gemm_shape(w: LayerWork, batch: float) -> tuple[float, float]:
     """(M rows, sqrt(K N)) of a matmul layer's GEMM at ``batch`` samples."""
+    if w.gemm is not None:
+        return batch * w.gemm[0], w.gemm[1]
     outs = max(w.out_elems, 1.0)
     k = max(w.fwd_flops / (2.0 * outs), 1.0)
     n = w.params / k if w.params >= k else math.sqrt(outs)
@@ -77,15 +79,49 @@ def _curve(points: Sequence[Sequence[float]], x: float) -> float:
     return loglog(xs, [p[1] for p in points], max(x, min(xs)))
 
 
-def update_seconds(params: float, table: dict[str, Any], optimizer: str) -> float:
+def update_seconds(params: float, table: dict[str, Any], optimizer: str | None) -> float:
+    """The optimizer's update of ``params`` parameters; None (an optimizer without a curve): 0."""
+    if optimizer is None:
+        return 0.0
     pts = table.get(optimizer) or table.get("adam") or []
     return _curve(pts, max(params, 1.0)) if pts else 0.0
 
 
-def step_seconds(works: Sequence[LayerWork], batch: float, table: dict[str, Any], optimizer: str) -> float:
-    """Forward + backward of every layer, and the optimizer update, of one device alone."""
-    params = sum(w.params for w in works)
+def step_seconds(works: Sequence[LayerWork], batch: float, table: dict[str, Any], optimizer: str | None,
+                 params: float | None = None) -> float:
+    """Forward + backward of every layer, and the optimizer update of ``params`` parameters (default:
+    the layers' own; a recorded step's layers do not know which tensors were parameters), of one
+    device alone."""
+    params = sum(w.params for w in works) if params is None else params
     return sum(layer_seconds(w, batch, table) for w in works) + update_seconds(params, table, optimizer)
+
+
+def recorded_works(layers: Sequence[dict[str, Any]], batch: float, backward_gemm_flops: float) -> tuple[LayerWork, ...]:
+    """A run's recorded forward ops (``train_torch.OpRecorder``: kind, GEMM m/k/n, FLOPs, output
+    elements and how many calls had them, at ``batch`` samples) as per-sample layers. Each matmul's
+    backward is two GEMMs of its size, except the input layer's, which computes no input gradient:
+    the first matmul recorded takes what the recorded backward FLOPs leave for it (one to two
+    GEMMs' worth), so a first layer is not priced at the work it never did."""
+    b = max(float(batch), 1.0)
+    mats = [(i, float(x["fwd_flops"]) * int(x.get("count", 1))) for i, x in enumerate(layers) if x.get("fwd_flops")]
+    bwd = {i: 2.0 * f for i, f in mats}
+    if mats:
+        i0, f0 = mats[0]
+        rest = sum(bwd.values()) - bwd[i0]
+        bwd[i0] = min(2.0 * f0, max(f0, float(backward_gemm_flops) - rest))
+    out: list[LayerWork] = []
+    for i, x in enumerate(layers):
+        count = int(x.get("count", 1))
+        elems = float(x.get("elems", 0)) / b
+        if x.get("fwd_flops"):
+            fwd = float(x["fwd_flops"]) / b
+            kind = "conv" if x["kind"] == "conv" else "dense"
+            gemm = (float(x["m"]) / b, math.sqrt(float(x["k"]) * float(x["n"])))
+            w = LayerWork(f"rec{i}", kind, fwd, bwd[i] / count / b, 0.0, 0.0, 0, 1, 2, elems, 0.0, gemm)
+        else:
+            w = LayerWork(f"rec{i}", x["kind"], 0.0, 0.0, 2 * elems, 3 * elems, 0, 1, 1, elems)
+        out.extend([w] * count)
+    return tuple(out)
 
 
 def has_table(table: Any) -> bool:

@@ -58,6 +58,9 @@ class LayerWork:
     """Output elements per sample (the host step's layer table is keyed by them)."""
     elementwise: float = 0.0
     """The spec's elementwise FLOPs per sample (a bias alone is one per output)."""
+    gemm: tuple[float, float] | None = None
+    """(GEMM rows per sample, sqrt(K x N)) where a run recorded the call's shapes; None: recovered
+    from the spec's FLOPs and parameters (``host_step``)."""
 
     @property
     def matmul(self) -> bool:
