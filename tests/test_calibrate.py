@@ -84,7 +84,8 @@ def test_an_uncalibrated_n_takes_the_cores_out_before_interpolating(backend, fam
     one = _synthetic(backend, family, cores, ideal, lambda n: 1e-3, {1: curve[1], 4: curve[4]})
     t2 = calibration.host_terms(one, backend, 2)
     assert t2.allreduce(1 << 20) == pytest.approx(3e-3 * (1 / 2) / (3 / 4))
-    assert calibration.host_terms(one, backend, 1).allreduce(1 << 20) == pytest.approx(1e-6)  # calibrated: as measured
+    # calibrated at N = 1 too, but no backend runs a collective on one device
+    assert calibration.host_terms(one, backend, 1).allreduce(1 << 20) == 0.0
 
 
 def test_file_is_keyed_by_host_and_versions(cache):
@@ -98,6 +99,24 @@ def test_file_is_keyed_by_host_and_versions(cache):
     data["host"] = "another machine x64"
     calibration.save(data)
     assert calibration.load() is None
+
+
+def test_a_layer_table_measured_another_way_is_measured_again(cache):
+    """A changed measurement (jax's update: its own program, no longer a fused chain) reaches
+    calibrations written before it: their table is dropped on load, so `calibrate` and the
+    sweep's ensure() measure it again; a table of the current method stays."""
+    from scaling.throughput import layer_rates
+
+    data = calibration._empty()
+    tab = {"dense": [[16, 64, 64, 1e-5]], "eltwise": [[1024, 1e-6]]}
+    data["layers"] = {"jax": {"framework_version": calibration.framework_version("jax"), **tab},
+                      "torch": {"framework_version": calibration.framework_version("torch"),
+                                "method": layer_rates.METHOD["torch"], **tab}}
+    calibration.save(data)
+    assert sorted(calibration.load()["layers"]) == ["torch"]  # jax's, of no method named: the first
+    data["layers"]["jax"]["method"] = layer_rates.METHOD["jax"]
+    calibration.save(data)
+    assert sorted(calibration.load()["layers"]) == ["jax", "torch"]
 
 
 def test_bad_calibrate_input_exits_2(cache, capsys):

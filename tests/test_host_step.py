@@ -123,6 +123,9 @@ def test_real_layer_tables(table):
     assert all(p[-1] > 0 for k in tab for p in tab[k])
     dense = {(m, s): t for m, s, _, t in tab["dense"]}
     assert dense[(128, 256)] > dense[(128, 64)]  # 16x the FLOPs
+    # an update of 65536 parameters reads and writes a quarter MiB at least: a microsecond is a floor
+    # no real update beats (XLA fused the old chain of updates into one pass: SGD at 0.1 us a size)
+    assert tab["sgd"][-1][1] > 1e-6 and tab["adam"][-1][1] > tab["adam"][0][1]
     assert host_step.has_table(tab)
 
 
@@ -193,3 +196,14 @@ def test_the_input_layer_is_priced_without_an_input_gradient():
     assert [w.kind for w in on_data] == ["dense", "eltwise", "dense", "dense"]
     assert on_data[0].gemm == (1.0, math.sqrt(64 * 128)) and on_data[1].out_elems == 128
     assert host_step.recorded_works(layers, 32, 32 * (2 * f0 + 4 * f1))[0].bwd_flops == 2 * f0
+
+
+def test_one_device_all_reduces_nothing():
+    """A calibration holds a collective curve at N = 1 (a one-rank group still copies), but no
+    backend runs one with one device (no DDP wrapper, no psum in a one-device program): the
+    prediction at N = 1 has no communication, and the step no all-reduce term."""
+    cal = torch_cal(1)
+    wl = estimate.workload(get_spec("mlp", d_in=256, hidden=1024, d_out=10))
+    est = estimate.predict_step(wl, "host-cpu", 1, 16, backend="torch-ddp", calibration=cal)
+    assert est.comm_s == 0.0 and est.allreduce_s == 0.0
+    assert est.step_time_s == pytest.approx(est.overhead_s + est.compute_s)

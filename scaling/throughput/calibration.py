@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from scaling.errors import UsageError
-from scaling.throughput import catalog, host
+from scaling.throughput import catalog, host, layer_rates
 
 def _env_tag() -> str:
     """A short tag of this environment's frameworks: .venv (torch 2.13, jax 0.10) and .venv-xla (torch
@@ -93,7 +93,8 @@ def load(p: Path | None = None) -> dict[str, Any] | None:
     for section in ("gemm", "layers"):
         tables = data.get(section, {})
         for fw in list(tables):
-            if tables[fw].get("framework_version") != framework_version(fw):
+            if tables[fw].get("framework_version") != framework_version(fw) or (
+                    section == "layers" and tables[fw].get("method", 1) != layer_rates.METHOD.get(fw, 1)):
                 del tables[fw]
     return data
 
@@ -205,6 +206,8 @@ def host_terms(cal: dict[str, Any], backend: str, n: int, dtype: str = "float32"
     cores = int(cal.get("cores") or host.host_cores())
     if n in per_n:
         o, s, pts, a, bw = at(n)
+        if n == 1:  # one device all-reduces nothing: no backend runs a collective at N = 1
+            pts, a, bw = [], 0.0, float("inf")
         return HostTerms(o, floor(fam, n, cores, s), tuple(pts), a, bw, ref_bytes, rates, False, layers)  # type: ignore[arg-type]
     # an N the calibration never ran: each term from the calibrated counts around it (log-log), or
     # from the nearest two beyond the range, with what is known about N devices on C cores taken out

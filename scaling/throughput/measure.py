@@ -180,10 +180,11 @@ def calibrate(backends: list[str], device_counts: list[int], sizes: Sizes = QUIC
     layers = data.setdefault("layers", {})
     if "gloo" in fams and not layers.get("torch"):
         log("layer and optimizer costs, torch, one thread")
-        layers["torch"] = {"framework_version": framework_version("torch"), **layer_rates.torch_table(sizes.tiny_layers)}
+        layers["torch"] = {"framework_version": framework_version("torch"), "method": layer_rates.METHOD["torch"],
+                           **layer_rates.torch_table(sizes.tiny_layers)}
     if "xla-cpu" in fams and not layers.get("jax"):
         log("layer and optimizer costs, XLA-CPU, one device")
-        layers["jax"] = {"framework_version": framework_version("jax"), **measure_xla_layers(sizes)}
+        layers["jax"] = {"framework_version": framework_version("jax"), "method": layer_rates.METHOD["jax"], **measure_xla_layers(sizes)}
     for fam in sorted(fams):
         colls = data["collectives"].setdefault(fam, {})
         for n in device_counts:
