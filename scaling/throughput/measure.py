@@ -303,13 +303,22 @@ def _xla_worker() -> None:
                 row[str(s)] = 2.0 * s**3 * k / t
             table[key] = {"device": row}
         res["gemm"] = table
-    # "alone" is the same pmap'd GEMM on one of the devices, so the ratio holds contention only
-    # (pmap's dispatch cost is in both, and in the reference step's overhead already)
-    one = jax.pmap(lambda x: x @ x, devices=devs[:1])
+    # "alone" is the same pmap'd GEMMs on one of the devices, so the ratio holds contention only.
+    # Eight dependent GEMMs a call, not one: pmap's dispatch of N devices (in the reference step's
+    # overhead already) was half of one 256 GEMM's call, and the ratio of single-GEMM calls came
+    # out 1.95 and 2.75 at N = 2 in two runs here, 10.7 at N = 8 (eight a call: 1.85-1.99, 6.0)
+    eye = jnp.eye(256, dtype=jnp.float32)
+
+    def gemms(x: Any) -> Any:
+        for _ in range(8):
+            x = x @ eye
+        return x
+
+    one = jax.pmap(gemms, devices=devs[:1])
     x1 = jnp.ones((1, 256, 256), jnp.float32)
     one(x1).block_until_ready()
     alone = _time_calls(lambda: one(x1).block_until_ready(), reps, 8)
-    pm = jax.pmap(lambda x: x @ x)
+    pm = jax.pmap(gemms)
     xs = jnp.ones((n, 256, 256), jnp.float32)
     pm(xs).block_until_ready()
     together = _time_calls(lambda: pm(xs).block_until_ready(), reps, 8)
