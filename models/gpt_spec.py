@@ -96,9 +96,10 @@ class GPTSpec(ModelSpec):
         T, d, V, H = self.seq_len, self.d_model, self.vocab, self.heads
         f = d * self.mlp_ratio
 
-        def mm(name: str, kind: str, m: int, k: int, n: int, params: int, acts: int, ew: int = 0) -> LayerCost:
+        def mm(name: str, kind: str, m: int, k: int, n: int, params: int, acts: int, ew: int = 0, act: str = "") -> LayerCost:
             fwd = 2 * m * k * n
-            return LayerCost(name, kind, params, fwd, 2 * fwd, acts, elementwise=ew)
+            return LayerCost(name, kind, params, fwd, 2 * fwd, acts, elementwise=ew, activation=act,
+                             activation_elems=m * n if act else 0)
 
         costs = [LayerCost("embed", "embedding", (V + T) * d, 0, 0, T * d, elementwise=T * d)]
         for i in range(self.layers):
@@ -110,7 +111,7 @@ class GPTSpec(ModelSpec):
                 mm(f"{p}.attn.av", "attention", H * T, T, self.head_dim, 0, T * d),
                 mm(f"{p}.attn.proj", "dense", T, d, d, d * d + d, T * d, 2 * T * d),
                 LayerCost(f"{p}.ln2", "layernorm", 2 * d, 0, 0, T * d, elementwise=8 * T * d),
-                mm(f"{p}.mlp.fc", "dense", T, d, f, d * f + f, 2 * T * f, 9 * T * f),
+                mm(f"{p}.mlp.fc", "dense", T, d, f, d * f + f, 2 * T * f, 9 * T * f, act="gelu"),
                 mm(f"{p}.mlp.proj", "dense", T, f, d, f * d + d, T * d, 2 * T * d),
             ]
         costs += [LayerCost("ln_f", "layernorm", 2 * d, 0, 0, T * d, elementwise=8 * T * d),

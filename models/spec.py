@@ -39,6 +39,10 @@ class LayerCost:
     """Output elements kept for backward (activation memory per sample, in elements)."""
     elementwise: int = 0
     """Elementwise FLOPs (bias, activation), not part of model FLOPs."""
+    activation: str = ""
+    """A matmul's nonlinearity where it costs far more than a bias or a ReLU (``gelu``): the host's
+    layer table prices it by its own curve, on ``activation_elems`` outputs per sample."""
+    activation_elems: int = 0
 
 
 class ModelSpec(ABC):

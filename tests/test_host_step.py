@@ -118,7 +118,7 @@ def test_real_layer_tables(table):
     g = layer_rates.TINY
     assert [(m, s) for m, s, _, _ in tab["dense"]] == [(m, s) for m in g["dense_m"] for s in g["dense_s"]]
     assert len(tab["conv"]) == len(g["conv_c"]) * len(g["conv_hw"])
-    for kind in ("eltwise", "layernorm", "batchnorm", "adam", "sgd"):
+    for kind in ("eltwise", "gelu", "layernorm", "batchnorm", "adam", "sgd"):
         assert len(tab[kind]) == len(g["elems" if kind not in ("adam", "sgd") else "params"])
     assert all(p[-1] > 0 for k in tab for p in tab[k])
     dense = {(m, s): t for m, s, _, t in tab["dense"]}
@@ -207,3 +207,28 @@ def test_one_device_all_reduces_nothing():
     est = estimate.predict_step(wl, "host-cpu", 1, 16, backend="torch-ddp", calibration=cal)
     assert est.comm_s == 0.0 and est.allreduce_s == 0.0
     assert est.step_time_s == pytest.approx(est.overhead_s + est.compute_s)
+
+
+def test_a_gelu_reads_its_own_curve_by_the_outputs_it_computes():
+    """gpt's MLP GELU (after a dense over positions: 10-17x a ReLU's cost in XLA here) is priced by
+    the table's GELU curve on the T x F outputs it computes, in place of the generic epilogue (a ReLU
+    on the 2 T F activations the layer keeps); a table without the curve prices it as before. A
+    run's recorded torch GELU op reads the same curve."""
+    import torch
+
+    spec = get_spec("gpt-tiny")
+    fc = next(w for w in layer_works(spec.layer_costs(), spec.seq_len) if w.name == "h0.mlp.fc")
+    T, F = spec.seq_len, spec.d_model * spec.mlp_ratio
+    assert (fc.activation, fc.activation_elems, fc.out_elems) == ("gelu", T * F, 2 * T * F)
+    tab = power_table()
+    plain = host_step.layer_seconds(fc, 4, tab)
+    tab["gelu"] = [(n, 7 * t) for n, t in tab["eltwise"]]
+    m, s = host_step._gemm_shape(fc, 4)
+    gemm = (fc.fwd_flops + fc.bwd_flops) * 4 * per_flop(m, s)
+    assert plain == pytest.approx(gemm + 2e-9 * (4 * 2 * T * F) ** 0.9)
+    assert host_step.layer_seconds(fc, 4, tab) == pytest.approx(gemm + 7 * 2e-9 * (4 * T * F) ** 0.9)
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 4))
+    rec = record_step(mlp, torch.randn(8, 16))
+    assert [x["kind"] for x in rec["layers"]] == ["dense", "gelu", "dense"] and rec["layers"][1]["elems"] == 8 * 64
+    got = host_step.recorded_works(rec["layers"], 8, rec["backward_gemm_flops"])
+    assert host_step.layer_seconds(got[1], 8, tab) == pytest.approx(7 * 2e-9 * 1024**0.9)  # 512 outputs: the curve's first point

@@ -61,6 +61,10 @@ class LayerWork:
     gemm: tuple[float, float] | None = None
     """(GEMM rows per sample, sqrt(K x N)) where a run recorded the call's shapes; None: recovered
     from the spec's FLOPs and parameters (``host_step``)."""
+    activation: str = ""
+    """The spec's costly nonlinearity (``gelu``) on ``activation_elems`` outputs per sample: the
+    host's table has a curve for it; the roofline counts it in ``elementwise`` as any epilogue."""
+    activation_elems: float = 0.0
 
     @property
     def matmul(self) -> bool:
@@ -80,7 +84,8 @@ def layer_works(costs: Sequence[Any], input_elems: int) -> tuple[LayerWork, ...]
                                  float(c.backward_flops), n_in + n_out + 2 * epi,
                                  (n_in + 2 * n_out if first else 2 * (n_in + n_out)) + 3 * epi, int(c.params),
                                  1 + (1 if epi else 0), (1 if first else 2) + (1 if epi else 0), n_out,
-                                 float(c.elementwise)))
+                                 float(c.elementwise), None, getattr(c, "activation", ""),
+                                 float(getattr(c, "activation_elems", 0))))
         elif c.kind in ("bn", "layernorm", "batchnorm"):
             out.append(LayerWork(c.name, c.kind, 0.0, 0.0, 3 * n_out, 5 * n_out, int(c.params), 1, 1, n_out))
         elif c.kind in ("maxpool", "avgpool", "gap"):
