@@ -31,8 +31,8 @@ from typing import Any, Sequence
 from scaling.throughput.calibration import loglog
 from scaling.throughput.roofline import LayerWork
 
-#: the table's curve of each memory-bound kind (a run's recorded GELU op reads the GELU curve too)
-NORM_KINDS = {"bn": "batchnorm", "batchnorm": "batchnorm", "layernorm": "layernorm", "gelu": "gelu"}
+#: the table's own curve of a memory-bound kind (norms, and a run's recorded GELU op); others: eltwise
+CURVE_OF_KIND = {"bn": "batchnorm", "batchnorm": "batchnorm", "layernorm": "layernorm", "gelu": "gelu"}
 
 
 def _grid_time(points: Sequence[Sequence[float]], m: float, s: float) -> float:
@@ -73,7 +73,7 @@ def layer_seconds(w: LayerWork, batch: float, table: dict[str, Any]) -> float:
         elif w.elementwise > w.out_elems:  # an epilogue beyond the bias (the table's layer has one): activation, softmax
             t += _curve(table["eltwise"], batch * w.out_elems)
         return t
-    curve = table.get(NORM_KINDS.get(w.kind, "eltwise")) or table["eltwise"]
+    curve = table.get(CURVE_OF_KIND.get(w.kind, "eltwise")) or table["eltwise"]
     return _curve(curve, batch * max(w.out_elems, 1.0))
 
 

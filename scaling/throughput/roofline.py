@@ -84,8 +84,7 @@ def layer_works(costs: Sequence[Any], input_elems: int) -> tuple[LayerWork, ...]
                                  float(c.backward_flops), n_in + n_out + 2 * epi,
                                  (n_in + 2 * n_out if first else 2 * (n_in + n_out)) + 3 * epi, int(c.params),
                                  1 + (1 if epi else 0), (1 if first else 2) + (1 if epi else 0), n_out,
-                                 float(c.elementwise), None, getattr(c, "activation", ""),
-                                 float(getattr(c, "activation_elems", 0))))
+                                 float(c.elementwise), None, c.activation, float(c.activation_elems)))
         elif c.kind in ("bn", "layernorm", "batchnorm"):
             out.append(LayerWork(c.name, c.kind, 0.0, 0.0, 3 * n_out, 5 * n_out, int(c.params), 1, 1, n_out))
         elif c.kind in ("maxpool", "avgpool", "gap"):
