@@ -136,6 +136,8 @@ def test_real_gloo_calibration_feeds_runs(cache):
         c = data["collectives"]["gloo"][n]
         assert 0 < e["overhead_s"] < 1 and e["slowdown"] >= 1 and len(c["points"]) == len(measure.TINY.messages)
         assert all(t > 0 for _, t in c["points"])
+        # the memory probe: 20 bytes an element (p, m, g read; p, m written) at each of its sizes
+        assert [b for b, _ in c["stream"]] == [20 * e for e in measure.TINY.stream] and all(t > 0 for _, t in c["stream"])
     assert set(data["gemm"]["torch"]["fp32"]) == {str(t) for t in range(1, host.host_cores() + 1)}
     # ensure() finds nothing missing: no second measurement
     assert measure.ensure(["torch-ddp"], [2])["measured_at"] == data["measured_at"]
@@ -155,3 +157,31 @@ def test_real_xla_cpu_collectives():
     assert [p[0] for p in m["points"]] == list(measure.TINY.messages) and all(p[1] > 0 for p in m["points"])
     assert m["slowdown"] >= 1 and 0 < m["ref_step_s"] < 1
     assert set(m["gemm"]["fp32"]["device"]) == {str(s) for s in measure.TINY.gemm}
+    assert [b for b, _ in m["stream"]] == [20 * e for e in measure.TINY.stream] and all(t > 0 for _, t in m["stream"])
+
+
+@pytest.mark.parametrize("backend, family", [("torch-ddp", "gloo"), ("jax-sharded", "xla-cpu")])
+def test_the_memory_probe_at_an_uncalibrated_n(backend, family):
+    """The memory probe's seconds, size by size, as the slowdown is: the cores' share out, the rest
+    log-log in N over the multi-device counts (one device has no floor: its layer table is what it
+    measured alone); more bytes never take less time; beyond the largest size, proportional."""
+    cores = 2
+    ideal = (lambda n: max(1.0, n / cores)) if family == "gloo" else (lambda n: float(n))
+    curve = {n: [(1024, 1e-4 * n), (1 << 20, 3e-3 * n)] for n in (1, 2, 8)}
+    cal = _synthetic(backend, family, cores, ideal, lambda n: 1e-3, curve)
+    probe = {1: [(1e6, 1e-4), (1e8, 1e-2)], 2: [(1e6, 4e-4), (1e8, 3e-2)], 8: [(1e6, 4e-3), (1e8, 0.6)]}
+    for n, pts in probe.items():
+        cal["collectives"][family][str(n)]["stream"] = [list(p) for p in pts]
+    assert calibration.host_terms(cal, backend, 1).stream_seconds(1e8) == 0.0
+    t8 = calibration.host_terms(cal, backend, 8)
+    assert t8.stream_seconds(1e8) == pytest.approx(0.6) and t8.stream_seconds(4e8) == pytest.approx(2.4)
+    assert t8.stream_seconds(1e7) == pytest.approx(math.sqrt(4e-3 * 0.6))  # log-log halfway
+    for n in (4, 16):
+        t = calibration.host_terms(cal, backend, n)
+        for i, (b, _) in enumerate(probe[2]):
+            per = [probe[m][i][1] / ideal(m) for m in (2, 8)]
+            want = ideal(n) * math.exp(math.log(per[0]) + (math.log(n) - math.log(2)) / (math.log(8) - math.log(2))
+                                       * (math.log(per[1]) - math.log(per[0])))
+            assert t.stream_seconds(b) == pytest.approx(want)
+    cal["collectives"][family]["8"]["stream"] = [[1e6, 0.7], [1e8, 0.6]]  # a hiccup at the small size
+    assert calibration.host_terms(cal, backend, 8).stream_seconds(1e6) == pytest.approx(0.6)

@@ -232,3 +232,26 @@ def test_a_gelu_reads_its_own_curve_by_the_outputs_it_computes():
     assert [x["kind"] for x in rec["layers"]] == ["dense", "gelu", "dense"] and rec["layers"][1]["elems"] == 8 * 64
     got = host_step.recorded_works(rec["layers"], 8, rec["backward_gemm_flops"])
     assert host_step.layer_seconds(got[1], 8, tab) == pytest.approx(7 * 2e-9 * 1024**0.9)  # 512 outputs: the curve's first point
+
+
+@pytest.mark.parametrize("optimizer, bytes_per_param", [("adam", 28), ("sgd", 12)])
+def test_n_devices_take_at_least_what_moving_their_bytes_takes(optimizer, bytes_per_param):
+    """Each piece of the step at N devices is its one-device time times the GEMM slowdown, or the
+    memory probe's time for the bytes it moves, whichever is more. An optimizer update moves float32
+    p and g (read), p (written), and Adam's m and v (read and written): 28 bytes a parameter, SGD's
+    12. With a probe this slow only the update is bound by it; without a probe nothing changes."""
+    cal = torch_cal(4)
+    spec = get_spec("mlp", d_in=256, hidden=1024, d_out=10)
+    wl = estimate.workload(spec)
+    free = estimate.predict_step(wl, "host-cpu", 4, 64, backend="torch-ddp", calibration=cal, optimizer=optimizer)
+    upd = host_step.update_seconds(spec.param_count, cal["layers"]["torch"], optimizer)
+    floor = 4 * 2.5 * upd  # the probe's time for the update's bytes: 4x what the slowdown gives it
+    cal["collectives"]["gloo"]["4"]["stream"] = [[1e3, floor * 1e3 / (bytes_per_param * spec.param_count)],
+                                                 [bytes_per_param * spec.param_count, floor]]
+    bound = estimate.predict_step(wl, "host-cpu", 4, 64, backend="torch-ddp", calibration=cal, optimizer=optimizer)
+    assert bound.compute_s == pytest.approx(free.compute_s - 2.5 * upd + floor)
+    assert bound.step_time_s - free.step_time_s == pytest.approx(floor - 2.5 * upd)
+    for w in wl.works:  # the layers stay where the slowdown puts them
+        t = host_step.layer_seconds(w, 16, cal["layers"]["torch"]) * 2.5
+        assert host_step.contended_seconds([w], 16, cal["layers"]["torch"], None, 2.5,
+                                           calibration.host_terms(cal, "torch-ddp", 4).stream_seconds, 0) == pytest.approx(t)

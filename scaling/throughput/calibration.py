@@ -156,6 +156,20 @@ class HostTerms:
     interpolated: bool
     layers: dict[str, Any] | None = None
     """One device's measured layer and optimizer costs (``layer_rates``); None: an older calibration."""
+    stream: tuple[tuple[float, float], ...] = ()
+    """(bytes each device moves, seconds) of a memory-bound update on all N devices at once; empty:
+    an older calibration (no memory floor)."""
+
+    def stream_seconds(self, nbytes: float) -> float:
+        """What N devices each moving ``nbytes`` at once take at least: log-log between the probe's
+        sizes, proportional to the bytes beyond them; 0 without a probe."""
+        if not self.stream or nbytes <= 0:
+            return 0.0
+        xs = [p[0] for p in self.stream]
+        if nbytes <= xs[0] or nbytes >= xs[-1]:
+            b, t = self.stream[0] if nbytes <= xs[0] else self.stream[-1]
+            return t * nbytes / b
+        return loglog(xs, [p[1] for p in self.stream], nbytes)
 
     def allreduce(self, nbytes: float) -> float:
         """Measured curve between the points; alpha-beta fit's slope beyond the largest."""
@@ -196,6 +210,9 @@ def host_terms(cal: dict[str, Any], backend: str, n: int, dtype: str = "float32"
     ns = sorted(per_n)
     coll = cal.get("collectives", {}).get(fam, {})
 
+    def stream_at(m: int) -> list[tuple[float, float]]:
+        return monotone(sorted((float(b), float(t)) for b, t in coll.get(str(m), {}).get("stream") or []))
+
     def at(m: int) -> tuple[float, float, list[tuple[float, float]], float, float]:
         e = per_n[m]
         c = coll.get(str(m), {"points": [], "alpha": 0.0, "bw": float("inf")})
@@ -208,7 +225,11 @@ def host_terms(cal: dict[str, Any], backend: str, n: int, dtype: str = "float32"
         o, s, pts, a, bw = at(n)
         if n == 1:  # one device all-reduces nothing: no backend runs a collective at N = 1
             pts, a, bw = [], 0.0, float("inf")
-        return HostTerms(o, floor(fam, n, cores, s), tuple(pts), a, bw, ref_bytes, rates, False, layers)  # type: ignore[arg-type]
+            # and is the device alone the layer table measured: its "slowdown" (1.14 once) and its
+            # memory probe (page faults into fresh buffers: 2.1 ms at 20 MiB, 1.8 at 40) are noise
+            return HostTerms(o, 1.0, (), 0.0, float("inf"), ref_bytes, rates, False, layers)  # type: ignore[arg-type]
+        return HostTerms(o, floor(fam, n, cores, s), tuple(pts), a, bw, ref_bytes, rates, False, layers,  # type: ignore[arg-type]
+                         tuple(stream_at(n)))
     # an N the calibration never ran: each term from the calibrated counts around it (log-log), or
     # from the nearest two beyond the range, with what is known about N devices on C cores taken out
     # first: ``contention`` is the slowdown the cores alone explain, and only the rest is interpolated
@@ -246,7 +267,15 @@ def host_terms(cal: dict[str, Any], backend: str, n: int, dtype: str = "float32"
         if len(multi) == 1:  # one curve to go on: a ring moves 2(N-1)/N of the bytes per device
             k = ((n - 1) / n) / ((multi[0] - 1) / multi[0])
             pts, bw = [(x, t * k) for x, t in pts], bw / k
-    return HostTerms(o, floor(fam, n, cores, s), tuple(pts), a, bw, ref_bytes, rates, True, layers)  # type: ignore[arg-type]
+    # the memory probe, size by size, as the slowdown: the cores' share out, the rest log-log in N
+    probed = [m for m in ns if m >= 2 and stream_at(m)]
+    sizes = [b for b, _ in stream_at(probed[0])] if probed else []
+    probed = [m for m in probed if [b for b, _ in stream_at(m)] == sizes]
+    stream = [] if len(probed) < 2 else [
+        (b, contention(fam, n, cores) * loglog(probed, [stream_at(m)[i][1] / contention(fam, m, cores) for m in probed], n))
+        for i, b in enumerate(sizes)]
+    return HostTerms(o, floor(fam, n, cores, s), tuple(pts), a, bw, ref_bytes, rates, True, layers,  # type: ignore[arg-type]
+                     tuple(stream))
 
 
 def gloo_overhead(measured: dict[int, float], n: int, cores: int) -> float:

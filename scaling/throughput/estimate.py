@@ -252,15 +252,18 @@ def _predict_host(wl: Workload, hw: catalog.Hardware, n: int, global_batch: floa
     terms = host_terms(cal, backend, n, dtype)
     per_dev = global_batch / n
     works = wl.works or wl.recorded
-    if works and host_step.has_table(terms.layers) and dtype == "float32":
+    by_layers = bool(works) and host_step.has_table(terms.layers) and dtype == "float32"
+    if by_layers:
         # the spec's (or the run's recorded) layers at their shapes, from the measured layer table,
         # less the reference model's own layers and update (its measured step, the overhead, holds
-        # them already). A recorded run's update is its own optimizer's (None: unpriced on both sides)
+        # them already). A recorded run's update is its own optimizer's (None: unpriced on both sides).
+        # Each piece at N devices is slowed by the GEMM contention or takes what N devices moving
+        # its bytes take, whichever is more (``host_step.contended_seconds``)
         opt = optimizer if wl.works else wl.optimizer
         ref = layer_works(_ref_spec().layer_costs(), REF_MODEL_OPTS["d_in"])
-        compute_1 = max(0.0, host_step.step_seconds(works, per_dev, terms.layers, opt,  # type: ignore[arg-type]
-                                                    None if wl.works else wl.params)
-                        - host_step.step_seconds(ref, 1.0, terms.layers, opt))  # type: ignore[arg-type]
+        compute = max(0.0, host_step.contended_seconds(works, per_dev, terms.layers, opt, terms.slowdown,  # type: ignore[arg-type]
+                                                       terms.stream_seconds, None if wl.works else wl.params)
+                      - terms.slowdown * host_step.step_seconds(ref, 1.0, terms.layers, opt))  # type: ignore[arg-type]
     elif wl.op_flops:  # measured calls without a forward record (an older run): each one GEMM/conv of that many FLOPs
         compute_1 = sum(f / terms.gemm_rate(f) for f in wl.op_flops)
         if wl.optimizer and host_step.has_table(terms.layers):
@@ -270,7 +273,8 @@ def _predict_host(wl: Workload, hw: catalog.Hardware, n: int, global_batch: floa
     else:
         layers = wl.layer_flops or (wl.train_flops_per_sample,)
         compute_1 = sum(f * per_dev / terms.gemm_rate(f * per_dev / 3.0) for f in layers)
-    compute = compute_1 * terms.slowdown
+    if not by_layers:
+        compute = compute_1 * terms.slowdown
     comm = max(0.0, terms.allreduce(wl.grad_bytes) - terms.allreduce(terms.ref_bytes))
     step = terms.overhead + compute + comm
     flops = wl.train_flops_per_sample * global_batch

@@ -19,6 +19,12 @@ step is then the sum over its op list (``roofline.LayerWork``) of each layer at 
   elementwise curve, by the elements they write;
 - the optimizer update by the model's parameter count (log-log between the measured sizes).
 
+N devices at once: each piece takes its one-device time times the GEMM slowdown at N, but never
+less than N devices moving its bytes at once take (the calibration's memory probe at N). XLA-CPU's
+memory-bound work slows far more with N than its GEMMs: an Adam update of 1M parameters here 3.3x
+at N = 2, 38x at N = 16, where a 256 GEMM slows 1.95x and ~12x; a slowdown from GEMMs alone priced
+the mlp of width 1024 at N = 16 at half its step.
+
 The reference model's share (its own layers and update, which its measured overhead already holds)
 is what ``_predict_host`` subtracts, so nothing is counted twice.
 """
@@ -26,7 +32,7 @@ is what ``_predict_host`` subtracts, so nothing is counted twice.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from scaling.throughput.calibration import loglog
 from scaling.throughput.roofline import LayerWork
@@ -91,6 +97,31 @@ def update_seconds(params: float, table: dict[str, Any], optimizer: str | None) 
     return _curve(pts, max(params, 1.0)) if pts else 0.0
 
 
+#: bytes a float32 update moves per parameter: SGD reads p and g and writes p; Adam reads and writes
+#: m and v too
+UPDATE_BYTES = {"sgd": 12.0, "adam": 28.0}
+
+
+def layer_bytes(w: LayerWork, batch: float) -> float:
+    """Bytes one device's forward + backward of a layer moves at ``batch`` samples, float32: its
+    activations by the roofline's traffic rule, and a matmul's weights read twice and their gradient
+    written (a recorded call knows K x N, not which tensor was a parameter)."""
+    weights = float(w.params) or (w.gemm[1] ** 2 if w.gemm else 0.0)
+    return 4.0 * (batch * (w.fwd_elems + w.bwd_elems) + (3.0 * weights if w.matmul else 0.0))
+
+
+def contended_seconds(works: Sequence[LayerWork], batch: float, table: dict[str, Any], optimizer: str | None,
+                      slowdown: float, memory_floor: Callable[[float], float], params: float | None = None) -> float:
+    """``step_seconds`` on each of N devices at once: every layer and the update slowed by the GEMM
+    contention, or as long as N devices moving its bytes take (``memory_floor``), whichever is more."""
+    params = sum(w.params for w in works) if params is None else params
+    total = sum(max(layer_seconds(w, batch, table) * slowdown, memory_floor(layer_bytes(w, batch))) for w in works)
+    upd = update_seconds(params, table, optimizer)
+    if upd:
+        total += max(upd * slowdown, memory_floor(UPDATE_BYTES.get(optimizer or "", UPDATE_BYTES["adam"]) * params))
+    return total
+
+
 def step_seconds(works: Sequence[LayerWork], batch: float, table: dict[str, Any], optimizer: str | None,
                  params: float | None = None) -> float:
     """Forward + backward of every layer, and the optimizer update of ``params`` parameters (default:
@@ -121,7 +152,8 @@ def recorded_works(layers: Sequence[dict[str, Any]], batch: float, backward_gemm
             fwd = float(x["fwd_flops"]) / b
             kind = "conv" if x["kind"] == "conv" else "dense"
             gemm = (float(x["m"]) / b, math.sqrt(float(x["k"]) * float(x["n"])))
-            w = LayerWork(f"rec{i}", kind, fwd, bwd[i] / count / b, 0.0, 0.0, 0, 1, 2, elems, 0.0, gemm)
+            ins = float(x["m"]) * float(x["k"]) / b
+            w = LayerWork(f"rec{i}", kind, fwd, bwd[i] / count / b, ins + elems, 2 * (ins + elems), 0, 1, 2, elems, 0.0, gemm)
         else:
             w = LayerWork(f"rec{i}", x["kind"], 0.0, 0.0, 2 * elems, 3 * elems, 0, 1, 1, elems)
         out.extend([w] * count)

@@ -45,12 +45,22 @@ class Sizes:
     three runs each, and a prediction beyond the calibrated N multiplies that error (x6 at N = 4)."""
     tiny_layers: bool = False
     """The layer table's small test grid (``layer_rates.TINY``)."""
+    stream: tuple[int, ...] = (1 << 16, 1 << 18, 1 << 20, 1 << 21)
+    """Elements per device of each of the memory probe's three arrays (``stream_bytes``): 0.75 to
+    24 MiB of working set per device, the range of the zoo's models (the mlp of width 1024 and
+    its Adam state: 16 MiB)."""
 
 
 QUICK = Sizes((32, 64, 128, 256, 512), (1 << 10, 1 << 14, 1 << 18, 1 << 20, 1 << 22), 60, 5)
 FULL = Sizes((16, 32, 64, 128, 256, 512, 1024), (1 << 10, 1 << 12, 1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24), 60, 11)
-TINY = Sizes((32, 128), (1 << 10, 1 << 16), 8, 3, 1, True)
+TINY = Sizes((32, 128), (1 << 10, 1 << 16), 8, 3, 1, True, (1 << 12, 1 << 16))
 """For tests: seconds, not minutes."""
+
+
+def stream_bytes(elems: int) -> int:
+    """Bytes one device moves in the memory probe's update of three float32 arrays of ``elems``:
+    reads p, m and g, writes p and m."""
+    return 5 * 4 * elems
 
 
 def torch_gemm_table(sizes: tuple[int, ...], threads: list[int], dtypes: tuple[str, ...] = ("fp32", "bf16")) -> dict[str, Any]:
@@ -102,7 +112,7 @@ def measure_gloo(n: int, sizes: Sizes, timeout: float = 240.0) -> dict[str, Any]
 
     with tempfile.TemporaryDirectory(prefix="podscale-cal-") as tmp:
         out = Path(tmp) / "out.json"
-        spec = json.dumps({"messages": sizes.messages, "reps": sizes.reps, "out": str(out)})
+        spec = json.dumps({"messages": sizes.messages, "reps": sizes.reps, "out": str(out), "stream": sizes.stream})
         port = str(free_port())
         envs = [{"RANK": str(r), "WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
                  "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PODSCALE_CAL": spec} for r in range(n)]
@@ -114,7 +124,7 @@ def measure_xla(n: int, sizes: Sizes, gemm_table: bool, timeout: float = 240.0) 
     """psum curve and GEMM slowdown of N XLA-CPU devices in one process (as jax-pmap runs them)."""
     with tempfile.TemporaryDirectory(prefix="podscale-cal-") as tmp:
         out = Path(tmp) / "out.json"
-        spec = json.dumps({"messages": sizes.messages, "reps": sizes.reps, "out": str(out),
+        spec = json.dumps({"messages": sizes.messages, "reps": sizes.reps, "out": str(out), "stream": sizes.stream,
                            "gemm": list(sizes.gemm) if gemm_table else []})
         flags = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
         envs = [{"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "PODSCALE_CAL": spec}]
@@ -188,16 +198,17 @@ def calibrate(backends: list[str], device_counts: list[int], sizes: Sizes = QUIC
     for fam in sorted(fams):
         colls = data["collectives"].setdefault(fam, {})
         for n in device_counts:
-            if str(n) in colls and colls[str(n)].get("framework_version") == framework_version("torch" if fam == "gloo" else "jax"):
+            old = colls.get(str(n), {})
+            if old.get("framework_version") == framework_version("torch" if fam == "gloo" else "jax") and "stream" in old:
                 continue
-            log(f"{fam} all-reduce and GEMM contention at N={n}")
+            log(f"{fam} all-reduce, GEMM and memory contention at N={n}")
             need_table = fam == "xla-cpu" and not data["gemm"].get("jax")
             m = measure_gloo(n, sizes) if fam == "gloo" else measure_xla(n, sizes, need_table)
             if need_table and "gemm" in m:
                 data["gemm"]["jax"] = {"framework_version": framework_version("jax"), **m.pop("gemm")}
             pts = monotone([(float(b), float(t)) for b, t in m["points"]])
             alpha, bw = fit_alpha_beta(pts)
-            colls[str(n)] = {"points": pts, "alpha": alpha, "bw": bw, "slowdown": m["slowdown"],
+            colls[str(n)] = {"points": pts, "alpha": alpha, "bw": bw, "slowdown": m["slowdown"], "stream": m.get("stream", []),
                              "ref_step_s": m.get("ref_step_s"), "framework_version": framework_version("torch" if fam == "gloo" else "jax")}
     for b in backends:
         fam, pkg = FAMILIES[b]
@@ -230,7 +241,9 @@ def ensure(backends: list[str], device_counts: list[int], quick: bool = True, lo
     cal = load() or _empty()
     # backends this environment cannot run (torch-xla from the main venv) are calibrated by their own venv
     backends = [b for b in backends if b in FAMILIES and importlib.util.find_spec(FAMILIES[b][1]) is not None]
+    colls = cal.get("collectives", {})
     missing_b = [b for b in backends if not all(str(n) in cal.get("backends", {}).get(b, {}).get("per_n", {}) for n in device_counts)
+                 or not all("stream" in colls.get(FAMILIES[b][0], {}).get(str(n), {}) for n in device_counts)
                  or not cal.get("gemm", {}).get(gemm_source(b)) or not cal.get("layers", {}).get(gemm_source(b))]
     if not missing_b:
         return cal
@@ -261,6 +274,19 @@ def _gloo_worker() -> None:
     t_all = torch.tensor([_time_calls(lambda: a @ a, reps, 8)])
     dist.all_reduce(t_all)
     together = float(t_all) / world
+    stream = []
+    for e in spec.get("stream", []):
+        p, m, g = torch.ones(e), torch.ones(e), torch.ones(e)
+
+        def update() -> None:
+            m.mul_(0.9).add_(g)
+            p.add_(m, alpha=-1e-3)
+
+        update()
+        dist.barrier()
+        t = torch.tensor([_time_calls(update, reps, 4 if e < (1 << 20) else 2)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a DP step waits for its slowest rank
+        stream.append((stream_bytes(e), float(t)))
     points = []
     for nbytes in spec["messages"]:
         buf = torch.zeros(max(1, nbytes // 4))
@@ -272,7 +298,8 @@ def _gloo_worker() -> None:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         points.append((nbytes, float(t)))
     if rank == 0:
-        Path(spec["out"]).write_text(json.dumps({"points": points, "slowdown": max(1.0, together / alone), "gemm_s": together}))
+        Path(spec["out"]).write_text(json.dumps({"points": points, "slowdown": max(1.0, together / alone), "gemm_s": together,
+                                                 "stream": stream}))
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)  # gloo may abort at interpreter exit (PLATFORM_NOTES)
@@ -319,14 +346,34 @@ def _xla_worker() -> None:
     one(x1).block_until_ready()
     alone = _time_calls(lambda: one(x1).block_until_ready(), reps, 8)
     pm = jax.pmap(gemms)
-    xs = jnp.ones((n, 256, 256), jnp.float32)
+    # inputs already on their devices, as a step's parameters and state are: an (N, ...) array on
+    # device 0 is split and copied to the N devices on every call (the memory probe below came out
+    # 3-4x slower at N = 2 and 8 with its gradient array left on device 0)
+    put = jax.pmap(lambda v: v)
+    xs = put(jnp.ones((n, 256, 256), jnp.float32))
     pm(xs).block_until_ready()
     together = _time_calls(lambda: pm(xs).block_until_ready(), reps, 8)
     res["slowdown"] = max(1.0, together / alone)
+    # memory-bound work of N devices at once: a momentum update on every device, into fresh buffers
+    # as a podscale step writes them (donating them made this probe 2-3x faster at N = 8, but not
+    # the training step: 37 and 33 ms against 33 and 29 for the mlp of width 1024)
+    upd = jax.pmap(lambda p, m, g: (p - 1e-3 * (0.9 * m + g), 0.9 * m + g))
+    stream = []
+    for e in spec.get("stream", []):
+        state = [put(jnp.ones((n, e), jnp.float32)), put(jnp.ones((n, e), jnp.float32))]
+        g = put(jnp.ones((n, e), jnp.float32))
+
+        def run() -> None:
+            state[:] = upd(state[0], state[1], g)
+            state[0].block_until_ready()
+
+        run()
+        stream.append((stream_bytes(e), _time_calls(run, reps, 4 if e < (1 << 20) else 2)))
+    res["stream"] = stream
     psum = jax.pmap(lambda v: jax.lax.psum(v, "i"), axis_name="i")
     points = []
     for nbytes in spec["messages"]:
-        v = jnp.zeros((n, max(1, nbytes // 4)), jnp.float32)
+        v = put(jnp.zeros((n, max(1, nbytes // 4)), jnp.float32))
         psum(v).block_until_ready()
         inner = 4 if nbytes < (1 << 20) else 2
         points.append((nbytes, _time_calls(lambda: psum(v).block_until_ready(), reps, inner)))
