@@ -158,6 +158,7 @@ def test_real_xla_cpu_collectives():
     assert m["slowdown"] >= 1 and 0 < m["ref_step_s"] < 1
     assert set(m["gemm"]["fp32"]["device"]) == {str(s) for s in measure.TINY.gemm}
     assert [b for b, _ in m["stream"]] == [20 * e for e in measure.TINY.stream] and all(t > 0 for _, t in m["stream"])
+    assert m["leaf_s"] > 0  # two devices: sixteen small leaves take longer than one array of their bytes
 
 
 @pytest.mark.parametrize("backend, family", [("torch-ddp", "gloo"), ("jax-sharded", "xla-cpu")])
@@ -185,3 +186,33 @@ def test_the_memory_probe_at_an_uncalibrated_n(backend, family):
             assert t.stream_seconds(b) == pytest.approx(want)
     cal["collectives"][family]["8"]["stream"] = [[1e6, 0.7], [1e8, 0.6]]  # a hiccup at the small size
     assert calibration.host_terms(cal, backend, 8).stream_seconds(1e6) == pytest.approx(0.6)
+
+
+def test_each_gradient_tensor_pays_the_collectives_latency(cache):
+    """XLA-CPU reduces a pytree's leaves one after another (one HLO all-reduce, operand by operand),
+    so a model's all-reduce is the curve at its gradient bytes plus the per-leaf cost of each tensor
+    beyond the reference model's four (its overhead holds those); log-log in N between the
+    calibrated counts; a workload that does not know its tensors is one message, as gloo's buckets are."""
+    from models.spec import get_spec
+
+    curve = {1: [(1024, 1e-6), (1 << 24, 1e-6)], 2: [(1024, 1e-4), (1 << 24, 1e-2)], 8: [(1024, 4e-4), (1 << 24, 4e-2)]}
+    cal = _synthetic("jax-pmap", "xla-cpu", 2, float, lambda n: 1e-3, curve)
+    cal["collectives"]["xla-cpu"]["2"]["leaf_s"] = 1e-5
+    cal["collectives"]["xla-cpu"]["8"]["leaf_s"] = 1.6e-4
+    assert calibration.host_terms(cal, "jax-pmap", 4).leaf_s == pytest.approx(4e-5)  # 1e-5 x (4/2)^2
+    assert calibration.host_terms(cal, "jax-pmap", 1).leaf_s == 0.0
+
+    def line(b: float) -> float:  # N = 8's measured curve, linear between its points
+        return 4e-4 + (b - 1024) * (4e-2 - 4e-4) / ((1 << 24) - 1024)
+
+    cnn = get_spec("resnet18", small=True, image_size=16, width=16, num_classes=10)
+    wl = estimate.workload(cnn)
+    assert wl.leaves == len(cnn.param_shapes()) > 40
+    est = estimate.predict_step(wl, "host-cpu", 8, 128, backend="jax-pmap", calibration=cal)
+    assert est.comm_s == pytest.approx(line(cnn.grad_bytes()) - line(1024) + 1.6e-4 * (wl.leaves - 4))
+    mlp = estimate.workload(get_spec("mlp", hidden=64))  # four tensors, as the reference has
+    assert estimate.predict_step(mlp, "host-cpu", 8, 128, backend="jax-pmap", calibration=cal).comm_s == pytest.approx(
+        line(mlp.grad_bytes) - line(1024))
+    unknown = estimate.Workload("script", wl.params, wl.train_flops_per_sample, wl.grad_bytes, wl.layer_flops)
+    assert estimate.predict_step(unknown, "host-cpu", 8, 128, backend="jax-pmap", calibration=cal).comm_s == pytest.approx(
+        line(cnn.grad_bytes()) - line(1024))

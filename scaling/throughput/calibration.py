@@ -156,6 +156,9 @@ class HostTerms:
     interpolated: bool
     layers: dict[str, Any] | None = None
     """One device's measured layer and optimizer costs (``layer_rates``); None: an older calibration."""
+    leaf_s: float = 0.0
+    """What each gradient tensor beyond the first adds to an all-reduce of the same bytes (XLA-CPU
+    reduces a pytree's leaves one after another); 0: one message (gloo: DDP's buckets)."""
     stream: tuple[tuple[float, float], ...] = ()
     """(bytes each device moves, seconds) of a memory-bound update on all N devices at once; empty:
     an older calibration (no memory floor)."""
@@ -229,7 +232,7 @@ def host_terms(cal: dict[str, Any], backend: str, n: int, dtype: str = "float32"
             # memory probe (page faults into fresh buffers: 2.1 ms at 20 MiB, 1.8 at 40) are noise
             return HostTerms(o, 1.0, (), 0.0, float("inf"), ref_bytes, rates, False, layers)  # type: ignore[arg-type]
         return HostTerms(o, floor(fam, n, cores, s), tuple(pts), a, bw, ref_bytes, rates, False, layers,  # type: ignore[arg-type]
-                         tuple(stream_at(n)))
+                         float(coll.get(str(n), {}).get("leaf_s") or 0.0), tuple(stream_at(n)))
     # an N the calibration never ran: each term from the calibrated counts around it (log-log), or
     # from the nearest two beyond the range, with what is known about N devices on C cores taken out
     # first: ``contention`` is the slowdown the cores alone explain, and only the rest is interpolated
@@ -274,8 +277,10 @@ def host_terms(cal: dict[str, Any], backend: str, n: int, dtype: str = "float32"
     stream = [] if len(probed) < 2 else [
         (b, contention(fam, n, cores) * loglog(probed, [stream_at(m)[i][1] / contention(fam, m, cores) for m in probed], n))
         for i, b in enumerate(sizes)]
+    leaves = [m for m in multi if coll[str(m)].get("leaf_s")]
+    leaf = loglog(leaves, [coll[str(m)]["leaf_s"] for m in leaves], n) if leaves else 0.0
     return HostTerms(o, floor(fam, n, cores, s), tuple(pts), a, bw, ref_bytes, rates, True, layers,  # type: ignore[arg-type]
-                     tuple(stream))
+                     leaf, tuple(stream))
 
 
 def gloo_overhead(measured: dict[int, float], n: int, cores: int) -> float:

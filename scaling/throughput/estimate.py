@@ -62,6 +62,9 @@ class Workload:
     """Activation values one sample keeps for backward (the spec's layers); None: a paper's figures only."""
     optimizer: str | None = None
     """The update curve a measured run's own optimizer reads (``adam``, ``sgd``); None: unknown, unpriced."""
+    leaves: int = 0
+    """Gradient tensors (the spec's parameter arrays): XLA-CPU all-reduces them one after another;
+    0: unknown, priced as one message."""
     recorded: tuple[LayerWork, ...] = ()
     """A measured run's forward op by op as layers (``host_step.recorded_works``): the host prices
     them from its layer table as it prices a spec's ``works``. Host-only: the ops a CPU step ran are
@@ -108,7 +111,8 @@ def workload(model: Any, **opts: Any) -> Workload:
     layers = tuple(float(c.forward_flops + c.backward_flops) for c in costs if c.forward_flops)
     works = layer_works(costs, math.prod(model.input_shape))
     return Workload(name or model.name, model.param_count, float(model.train_flops_per_sample), model.grad_bytes(), layers,
-                    works=works, activations_per_sample=float(model.activations_per_sample))
+                    works=works, activations_per_sample=float(model.activations_per_sample),
+                    leaves=len(model.param_shapes()))
 
 
 # ---- estimates ------------------------------------------------------------------------------
@@ -275,7 +279,10 @@ def _predict_host(wl: Workload, hw: catalog.Hardware, n: int, global_batch: floa
         compute_1 = sum(f * per_dev / terms.gemm_rate(f * per_dev / 3.0) for f in layers)
     if not by_layers:
         compute = compute_1 * terms.slowdown
-    comm = max(0.0, terms.allreduce(wl.grad_bytes) - terms.allreduce(terms.ref_bytes))
+    comm = terms.allreduce(wl.grad_bytes) - terms.allreduce(terms.ref_bytes)
+    if wl.leaves:  # each tensor beyond the first pays the collective's latency, as the reference's did
+        comm += terms.leaf_s * (wl.leaves - len(_ref_spec().param_shapes()))
+    comm = max(0.0, comm)
     step = terms.overhead + compute + comm
     flops = wl.train_flops_per_sample * global_batch
     key = catalog.PEAK_DTYPE[dtype]
