@@ -374,7 +374,8 @@ def main_calibrate(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=1))
         return 0
     t = Table(title=f"podscale calibrate: {data['host']} ({data['cores']} cores usable)", title_style="bold")
-    for col in ("backend", "N", "step overhead", "GEMM slowdown", "all-reduce alpha", "all-reduce bw"):
+    for col in ("backend", "N", "step overhead", "GEMM slowdown", "all-reduce alpha", "all-reduce bw", "per tensor",
+                "memory, N at once"):
         t.add_column(col, justify="right" if col != "backend" else "left")
     for b in backends:
         fam = calibration.FAMILIES[b][0]
@@ -382,8 +383,13 @@ def main_calibrate(args: argparse.Namespace) -> int:
             e = data["backends"][b]["per_n"][str(n)]
             col = data["collectives"][fam][str(n)]
             bw = col["bw"]
+            # the memory probe's largest size: bytes all N devices moved per second, together
+            big = max(col.get("stream") or [[0, 0]], key=lambda p: p[0])
+            leaf = col.get("leaf_s")
             t.add_row(b, str(n), f"{e['overhead_s'] * 1e3:.3g} ms", f"{e['slowdown']:.2f}x", f"{col['alpha'] * 1e6:.0f} us",
-                      "n/a" if bw == float("inf") else f"{bw / 1e9:.3g} GB/s")
+                      "n/a" if bw == float("inf") else f"{bw / 1e9:.3g} GB/s",
+                      "buckets" if fam == "gloo" else f"{leaf * 1e6:.0f} us" if leaf is not None else "not measured",
+                      f"{n * big[0] / big[1] / 1e9:.3g} GB/s" if big[1] else "not measured")
     c.print(t)
     g = data["gemm"].get("torch", {}).get("fp32", {})
     if g:

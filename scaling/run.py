@@ -59,6 +59,8 @@ def measured_workload(raw: dict[str, Any], global_batch: int) -> estimate.Worklo
                              int(comm[0]) if comm else int(raw.get("grad_bytes", 0)), (),
                              source=f"measured: {rec.get('source', 'first step')}",
                              op_flops=tuple(float(f) for f in rec.get("gemm_flops", ())), optimizer=rec.get("optimizer"),
+                             # a jax step's all-reduced arrays, less its loss: the gradient tensors
+                             leaves=max(0, int(rec.get("allreduce_operands") or 0) - 1),
                              recorded=host_step.recorded_works(rec["layers"], rec.get("batch") or 1, rec.get("backward_gemm_flops", 0))
                              if rec.get("layers") else ())
 

@@ -419,7 +419,8 @@ def _compile(step: _Step, params: Any, rest: Any, opt_state: Any, batch: Any, de
                       "flops": per_device * devices if per_device is not None else None,
                       "comm_bytes": (jax_hlo.allreduce_bytes(compiled.as_text()) if not sharded
                                      else sum(jax_hlo.collective_bytes(compiled.as_text()).values())) if devices > 1 else 0,
-                      "collective_bytes": jax_hlo.collective_bytes(compiled.as_text()) if devices > 1 else None}
+                      "collective_bytes": jax_hlo.collective_bytes(compiled.as_text()) if devices > 1 else None,
+                      "allreduce_operands": jax_hlo.allreduce_operands(compiled.as_text()) if devices > 1 else 0}
 
 
 def compiled_record(model: nnx.Module, tx: optax.GradientTransformation, loss_fn: Callable[[Any, Any], Any], batch: Any,

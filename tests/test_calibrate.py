@@ -184,6 +184,9 @@ def test_the_memory_probe_at_an_uncalibrated_n(backend, family):
             want = ideal(n) * math.exp(math.log(per[0]) + (math.log(n) - math.log(2)) / (math.log(8) - math.log(2))
                                        * (math.log(per[1]) - math.log(per[0])))
             assert t.stream_seconds(b) == pytest.approx(want)
+    # one multi-device count to go on (`calibrate --devices 1,2`): the cores' share carries it to N
+    two = calibration.host_terms(calibration.restricted(cal, [1, 2]), backend, 4)
+    assert [two.stream_seconds(b) for b, _ in probe[2]] == pytest.approx([t * ideal(4) / ideal(2) for _, t in probe[2]])
     cal["collectives"][family]["8"]["stream"] = [[1e6, 0.7], [1e8, 0.6]]  # a hiccup at the small size
     assert calibration.host_terms(cal, backend, 8).stream_seconds(1e6) == pytest.approx(0.6)
 
@@ -200,6 +203,8 @@ def test_each_gradient_tensor_pays_the_collectives_latency(cache):
     cal["collectives"]["xla-cpu"]["2"]["leaf_s"] = 1e-5
     cal["collectives"]["xla-cpu"]["8"]["leaf_s"] = 1.6e-4
     assert calibration.host_terms(cal, "jax-pmap", 4).leaf_s == pytest.approx(4e-5)  # 1e-5 x (4/2)^2
+    # from N = 2 alone: the cores' share (XLA-CPU devices split the cores N ways)
+    assert calibration.host_terms(calibration.restricted(cal, [1, 2]), "jax-pmap", 4).leaf_s == pytest.approx(2e-5)
     assert calibration.host_terms(cal, "jax-pmap", 1).leaf_s == 0.0
 
     def line(b: float) -> float:  # N = 8's measured curve, linear between its points

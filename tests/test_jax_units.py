@@ -24,6 +24,7 @@ HLO = """
 def test_allreduce_bytes_from_hlo_text() -> None:
     assert jax_hlo.allreduce_ops(HLO) == [(320 + 16 + 48 + 3 + 1) * 4, 16, 40]
     assert jax_hlo.allreduce_bytes(HLO) == 1552 + 16 + 40
+    assert jax_hlo.allreduce_operands(HLO) == 5 + 1 + 1  # the tuple's five, and two single arrays
     assert jax_hlo.shape_bytes("(s32[2,3], pred[4])") == 28
     with pytest.raises(ValueError, match="unknown HLO element type"):
         jax_hlo.shape_bytes("q7[3]")

@@ -130,6 +130,18 @@ def test_a_measured_workload_without_layers_still_all_reduces_its_gradients():
     assert est.comm_s > 0
 
 
+def test_a_jax_scripts_gradient_tensors_come_from_its_all_reduce():
+    """A jax run records how many arrays its compiled step all-reduces (its gradients and its loss);
+    the predictor's tensors are those less the loss. A torch run records none: one message."""
+    from scaling.run import measured_workload
+
+    raw = {"model_flops_per_step": 1e9, "comm_bytes_per_step": [4000], "params": 1000,
+           "op_record": {"gemm_flops": [1e6], "allreduce_operands": 9}}
+    assert measured_workload(raw, 32).leaves == 8
+    del raw["op_record"]["allreduce_operands"]
+    assert measured_workload(raw, 32).leaves == 0
+
+
 def test_bucketed_overlap_hides_at_most_the_stated_share():
     est = estimate.predict_step("resnet50", "goyal-2017-cluster", 256, 256 * 32)
     assert est.comm_s >= (1 - compute.OVERLAP_HIDDEN.value) * est.allreduce_s - 1e-12

@@ -37,6 +37,12 @@ def shape_bytes(shape: str) -> int:
     return total
 
 
+def allreduce_operands(hlo_text: str) -> int:
+    """Arrays all-reduced by one execution of the module: a tuple all-reduce counts each of its
+    operands (XLA-CPU reduces them one after another, each at the collective's latency)."""
+    return sum(len(_ARRAY.findall(m.group("shape"))) for m in _OP.finditer(hlo_text))
+
+
 def allreduce_ops(hlo_text: str) -> list[int]:
     """Bytes of each all-reduce in the module (the combiner may have merged several into one)."""
     return [shape_bytes(m.group("shape")) for m in _OP.finditer(hlo_text)]

@@ -153,7 +153,8 @@ def _stats(cfg: RunConfig, z: Zoo, record: dict[str, Any], comm: Any) -> dict[st
       as 1/N in strong scaling).
     """
     train = _train_flops_per_device(cfg, z)
-    return {"comm_bytes_per_step": comm, "xla_flops_per_device": record.get("flops_per_device"),
+    return {"comm_bytes_per_step": comm, "allreduce_operands": record.get("allreduce_operands"),
+            "xla_flops_per_device": record.get("flops_per_device"),
             "xla_flops_per_step": train * cfg.devices if train is not None else None, "xla_train_flops_per_device": train}
 
 

@@ -274,11 +274,12 @@ def host_terms(cal: dict[str, Any], backend: str, n: int, dtype: str = "float32"
     probed = [m for m in ns if m >= 2 and stream_at(m)]
     sizes = [b for b, _ in stream_at(probed[0])] if probed else []
     probed = [m for m in probed if [b for b, _ in stream_at(m)] == sizes]
-    stream = [] if len(probed) < 2 else [
-        (b, contention(fam, n, cores) * loglog(probed, [stream_at(m)[i][1] / contention(fam, m, cores) for m in probed], n))
-        for i, b in enumerate(sizes)]
+    # (one multi-device count to go on: the cores' share alone carries it to N, as for a leaf below)
+    stream = [(b, contention(fam, n, cores) * loglog(probed, [stream_at(m)[i][1] / contention(fam, m, cores) for m in probed], n))
+              for i, b in enumerate(sizes)]
     leaves = [m for m in multi if coll[str(m)].get("leaf_s")]
-    leaf = loglog(leaves, [coll[str(m)]["leaf_s"] for m in leaves], n) if leaves else 0.0
+    leaf = contention(fam, n, cores) * loglog(leaves, [coll[str(m)]["leaf_s"] / contention(fam, m, cores) for m in leaves], n) \
+        if leaves else 0.0
     return HostTerms(o, floor(fam, n, cores, s), tuple(pts), a, bw, ref_bytes, rates, True, layers,  # type: ignore[arg-type]
                      leaf, tuple(stream))
 
