@@ -99,7 +99,7 @@ class GPTSpec(ModelSpec):
         def mm(name: str, kind: str, m: int, k: int, n: int, params: int, acts: int, ew: int = 0, act: str = "") -> LayerCost:
             fwd = 2 * m * k * n
             return LayerCost(name, kind, params, fwd, 2 * fwd, acts, elementwise=ew, activation=act,
-                             activation_elems=m * n if act else 0)
+                             activation_elems=m * n if act else 0, gemm=(m, k, n))
 
         costs = [LayerCost("embed", "embedding", (V + T) * d, 0, 0, T * d, elementwise=T * d)]
         for i in range(self.layers):
@@ -107,7 +107,7 @@ class GPTSpec(ModelSpec):
             costs += [
                 LayerCost(f"{p}.ln1", "layernorm", 2 * d, 0, 0, T * d, elementwise=8 * T * d),
                 mm(f"{p}.attn.qkv", "dense", T, d, 3 * d, 3 * d * d + 3 * d, 3 * T * d, 3 * T * d),
-                mm(f"{p}.attn.scores", "attention", H * T, self.head_dim, T, 0, H * T * T, 5 * H * T * T),
+                mm(f"{p}.attn.scores", "attention", H * T, self.head_dim, T, 0, H * T * T, 5 * H * T * T, act="softmax"),
                 mm(f"{p}.attn.av", "attention", H * T, T, self.head_dim, 0, T * d),
                 mm(f"{p}.attn.proj", "dense", T, d, d, d * d + d, T * d, 2 * T * d),
                 LayerCost(f"{p}.ln2", "layernorm", 2 * d, 0, 0, T * d, elementwise=8 * T * d),

@@ -40,9 +40,14 @@ class LayerCost:
     elementwise: int = 0
     """Elementwise FLOPs (bias, activation), not part of model FLOPs."""
     activation: str = ""
-    """A matmul's nonlinearity where it costs far more than a bias or a ReLU (``gelu``): the host's
+    """A matmul's nonlinearity where it costs far more than a bias or a ReLU (``gelu``, attention's
+    ``softmax`` with its scale and causal mask): the host's
     layer table prices it by its own curve, on ``activation_elems`` outputs per sample."""
     activation_elems: int = 0
+    gemm: tuple[int, int, int] = ()
+    """(rows per sample, K, N) of a matmul whose shape the spec states: attention's products are one
+    small product per head, which its FLOPs, outputs and (no) parameters cannot tell apart from one
+    square GEMM; empty: recovered from those (``host_step``)."""
 
 
 class ModelSpec(ABC):

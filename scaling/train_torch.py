@@ -325,6 +325,10 @@ _CURVE_OPS = {"gelu": "gelu", "native_batch_norm": "batchnorm", "_native_batch_n
              "_native_batch_norm_legit_no_training": "batchnorm", "native_layer_norm": "layernorm"}
 
 
+#: matmuls of many small matrices at once (attention's q k^T and a v): the table's batched-matmul curve
+_BATCHED_MATMULS = {"bmm", "baddbmm"}
+
+
 def _layer_key(func: Any, packet: Any, out: Any, flops: int) -> tuple[Any, ...] | None:
     """(kind, GEMM m, k, n, forward FLOPs, output elements) of one forward op, or None for one that
     is no layer: a view (an in-place op writes, and counts) or an op on a scalar (batch norm's
@@ -339,7 +343,8 @@ def _layer_key(func: Any, packet: Any, out: Any, flops: int) -> tuple[Any, ...] 
     if flops and first.dim() >= 2:
         conv = name.startswith("convolution") or name.startswith("conv")
         n = int(first.shape[1] if conv else first.shape[-1])
-        return ("conv" if conv else "dense", elems // n, flops / (2.0 * elems), n, flops, elems)
+        kind = "conv" if conv else ("bmm" if name in _BATCHED_MATMULS else "dense")  # attention's products: many small ones
+        return (kind, elems // n, flops / (2.0 * elems), n, flops, elems)
     return (_CURVE_OPS.get(name, "eltwise"), 0, 0.0, 0, 0, elems)
 
 

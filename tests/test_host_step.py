@@ -4,6 +4,7 @@ grid read exactly where its rule is exact, the reference model's share taken out
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -118,11 +119,17 @@ def test_real_layer_tables(table):
     g = layer_rates.TINY
     assert [(m, s) for m, s, _, _ in tab["dense"]] == [(m, s) for m in g["dense_m"] for s in g["dense_s"]]
     assert len(tab["conv"]) == len(g["conv_c"]) * len(g["conv_hw"])
-    for kind in ("eltwise", "gelu", "layernorm", "batchnorm", "adam", "sgd"):
+    for kind in ("eltwise", "gelu", "softmax", "layernorm", "batchnorm", "adam", "sgd"):
         assert len(tab[kind]) == len(g["elems" if kind not in ("adam", "sgd") else "params"])
     assert all(p[-1] > 0 for k in tab for p in tab[k])
     dense = {(m, s): t for m, s, _, t in tab["dense"]}
     assert dense[(128, 256)] > dense[(128, 64)]  # 16x the FLOPs
+    # the batched products: M / S matrices of S x S, the larger 4x the FLOPs at the same rows
+    assert [(m, k, n) for m, k, n, _ in tab["bmm"]] == [(m, s, s) for m in g["bmm_m"] for s in g["bmm_s"]]
+    bmm = {s: t for _, s, _, t in tab["bmm"]}
+    assert bmm[64] > bmm[16]
+    # the score epilogue at the grid's two sizes: 64x the scores take longer
+    assert tab["softmax"][-1][0] == g["elems"][-1] and tab["softmax"][-1][1] > tab["softmax"][0][1]
     # an update of 65536 parameters reads and writes a quarter MiB at least: a microsecond is a floor
     # no real update beats (XLA fused the old chain of updates into one pass: SGD at 0.1 us a size)
     assert tab["sgd"][-1][1] > 1e-6 and tab["adam"][-1][1] > tab["adam"][0][1]
@@ -232,6 +239,47 @@ def test_a_gelu_reads_its_own_curve_by_the_outputs_it_computes():
     assert [x["kind"] for x in rec["layers"]] == ["dense", "gelu", "dense"] and rec["layers"][1]["elems"] == 8 * 64
     got = host_step.recorded_works(rec["layers"], 8, rec["backward_gemm_flops"])
     assert host_step.layer_seconds(got[1], 8, tab) == pytest.approx(7 * 2e-9 * 1024**0.9)  # 512 outputs: the curve's first point
+
+
+def test_attention_reads_the_batched_matmul_table_and_its_softmax_curve():
+    """Attention's score and value products are one small product per sample and head: they read the
+    batched-matmul table at (samples x heads x T rows, sqrt(head_dim x T)), not the dense one (one
+    GEMM of all those rows: a third of their time in eager torch here), and the scores' epilogue
+    (scale, causal mask, softmax) reads its own curve by the heads x T x T scores. A table without
+    the two prices them as before (the dense table, a ReLU-like epilogue). A run's recorded torch
+    attention records its two products as batched matmuls of the same shapes."""
+    import torch
+
+    spec = get_spec("gpt-tiny", seq_len=64, d_model=128, heads=2)  # S = sqrt(64 x 64): on the grid
+    T, H, hd = spec.seq_len, spec.heads, spec.head_dim
+    works = {w.name: w for w in layer_works(spec.layer_costs(), T)}
+    scores, av = works["h0.attn.scores"], works["h0.attn.av"]
+    assert (scores.activation, scores.activation_elems) == ("softmax", H * T * T)
+    tab = power_table()
+    old_scores, old_av = host_step.layer_seconds(scores, 4, tab), host_step.layer_seconds(av, 4, tab)
+    tab["bmm"] = [(m, s, s, 5 * C * m**ALPHA * s**BETA) for m in (16, 128) for s in (64, 256)]
+    tab["softmax"] = [(n, 9 * t) for n, t in tab["eltwise"]]
+    m, s = host_step._gemm_shape(scores, 4)
+    assert (m, s) == pytest.approx((4 * H * T, math.sqrt(hd * T)))
+    gemm = (scores.fwd_flops + scores.bwd_flops) * 4 * per_flop(m, s, 5)
+    assert host_step.layer_seconds(scores, 4, tab) == pytest.approx(gemm + 9 * 2e-9 * (4 * H * T * T) ** 0.9)
+    assert old_scores == pytest.approx((scores.fwd_flops + scores.bwd_flops) * 4 * per_flop(m, s)
+                                       + 2e-9 * (4 * H * T * T) ** 0.9)
+    assert host_step.layer_seconds(av, 4, tab) == pytest.approx(5 * old_av)  # no epilogue: the table alone
+    # a user's attention, recorded: q k^T and a v come back as batched products, the softmax as its own op
+    q = torch.randn(3, H, 16, 8, requires_grad=True)  # T = 16, head_dim = 8
+
+    class Attn(torch.nn.Module):
+        def forward(self, x):
+            return (x @ x.transpose(-2, -1)).softmax(-1) @ x
+
+    rec = record_step(Attn(), q)
+    mats = [x for x in rec["layers"] if x.get("fwd_flops")]
+    assert [x["kind"] for x in mats] == ["bmm", "bmm"]
+    assert [(x["m"], x["k"], x["n"]) for x in mats] == [(3 * H * 16, 8, 16), (3 * H * 16, 16, 8)]
+    got = [w for w in host_step.recorded_works(rec["layers"], 3, rec["backward_gemm_flops"]) if w.matmul]
+    assert got[0].kind == "bmm" and host_step.layer_seconds(got[0], 3, tab) > 4 * host_step.layer_seconds(
+        dataclasses.replace(got[0], kind="dense"), 3, tab)
 
 
 @pytest.mark.parametrize("optimizer, bytes_per_param", [("adam", 28), ("sgd", 12)])

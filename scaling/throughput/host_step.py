@@ -11,10 +11,14 @@ step is then the sum over its op list (``roofline.LayerWork``) of each layer at 
   (M, sqrt(K N)), bilinear in log-log over the grid and extrapolated from the nearest two points
   above it (below it: the smallest shape's time, a fixed cost), times the layer's FLOPs (a first
   layer, without an input gradient, does 2/3 of the work of the table's layer).
-  Convolutions read the conv table, the rest the dense one;
-- a layer whose epilogue does more than add a bias (an activation, softmax) adds one elementwise
-  layer on its outputs; a GELU reads its own curve instead, by the outputs it computes (a GELU
-  after a dense layer over positions cost 10-17x a ReLU's in XLA here, 1.6x in eager torch);
+  Convolutions read the conv table, attention's products (and a run's recorded batched matmuls)
+  the batched-matmul one, the rest the dense one: attention's score and value products are one
+  small product per sample and head (64 x 32 x 64 in gpt-tiny), and priced as one GEMM of all their
+  rows they came out at a third of their time in eager torch here;
+- a layer whose epilogue does more than add a bias (an activation) adds one elementwise layer on its
+  outputs; a GELU and attention's score epilogue (scale, causal mask, softmax) read curves of their
+  own instead, by the outputs they compute (a GELU after a dense layer over positions cost 10-17x a
+  ReLU's in XLA here, 1.6x in eager torch; the score epilogue 13x a ReLU in eager torch);
 - a norm reads its own curve (batch or layer norm); activations, adds, pools and embeddings the
   elementwise curve, by the elements they write;
 - the optimizer update by the model's parameter count (log-log between the measured sizes).
@@ -39,6 +43,8 @@ from scaling.throughput.roofline import LayerWork
 
 #: the table's own curve of a memory-bound kind (norms, and a run's recorded GELU op); others: eltwise
 CURVE_OF_KIND = {"bn": "batchnorm", "batchnorm": "batchnorm", "layernorm": "layernorm", "gelu": "gelu"}
+#: the table a matmul kind reads (a table without it: the dense one)
+TABLE_OF_MATMUL = {"conv": "conv", "attention": "bmm", "bmm": "bmm"}
 
 
 def _grid_time(points: Sequence[Sequence[float]], m: float, s: float) -> float:
@@ -67,14 +73,14 @@ def layer_seconds(w: LayerWork, batch: float, table: dict[str, Any]) -> float:
     """One layer's forward + backward at ``batch`` samples on one device alone."""
     if w.matmul:
         m, s = _gemm_shape(w, batch)
-        points = table["conv"] if w.kind == "conv" and table.get("conv") else table["dense"]
+        points = table.get(TABLE_OF_MATMUL.get(w.kind, "dense")) or table["dense"]
         # below the grid's smallest shape a layer costs what that shape costs (dispatch and the
         # backward's fixed work): extrapolating seconds per FLOP down from the nearest two points
         # gave the reference's 16 -> 1 layer at 1 sample more time than its 16 -> 16 one, and a
         # 64 -> 10 layer at 32 samples half the smallest measured layer's time
         mc, sc = max(m, min(p[0] for p in points)), max(s, min(math.sqrt(p[1] * p[2]) for p in points))
         t = (w.fwd_flops + w.bwd_flops) * batch * (mc / m) * (sc / s) ** 2 * _grid_time(points, mc, sc)
-        if w.activation and table.get(w.activation):  # a GELU: its own curve, by the outputs it computes
+        if w.activation and table.get(w.activation):  # a GELU, a softmax: its own curve, by the outputs it computes
             t += _curve(table[w.activation], batch * w.activation_elems)
         elif w.elementwise > w.out_elems:  # an epilogue beyond the bias (the table's layer has one): activation, softmax
             t += _curve(table["eltwise"], batch * w.out_elems)
@@ -150,7 +156,7 @@ def recorded_works(layers: Sequence[dict[str, Any]], batch: float, backward_gemm
         elems = float(x.get("elems", 0)) / b
         if x.get("fwd_flops"):
             fwd = float(x["fwd_flops"]) / b
-            kind = "conv" if x["kind"] == "conv" else "dense"
+            kind = x["kind"] if x["kind"] in TABLE_OF_MATMUL else "dense"
             gemm = (float(x["m"]) / b, math.sqrt(float(x["k"]) * float(x["n"])))
             ins = float(x["m"]) * float(x["k"]) / b
             w = LayerWork(f"rec{i}", kind, fwd, bwd[i] / count / b, ins + elems, 2 * (ins + elems), 0, 1, 2, elems, 0.0, gemm)

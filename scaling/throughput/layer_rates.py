@@ -24,8 +24,10 @@ import time
 from typing import Any, Callable
 
 #: per table: jax 2 = its optimizer update as one update's own program less an empty one (1: the
-#: marginal cost of a chain of updates, which XLA fuses into one pass); 3 and torch 2: a GELU curve
-METHOD = {"torch": 2, "jax": 3}
+#: marginal cost of a chain of updates, which XLA fuses into one pass); 3 and torch 2: a GELU curve;
+#: 4 and torch 3: batched matmuls (``bmm``) and attention's score epilogue (``softmax``) as curves of
+#: their own, and torch's GELU in the tanh form the zoo's transformers (and GPT-2) run
+METHOD = {"torch": 3, "jax": 4}
 #: (rows M = samples x positions, S = sqrt(K x N)) of the dense grid: square K = N = S
 DENSE_M = (16, 128, 1024)
 DENSE_S = (64, 256, 1024)
@@ -33,18 +35,31 @@ DENSE_S = (64, 256, 1024)
 CONV_C = (8, 32, 128)
 CONV_HW = (2, 8, 16)
 CONV_BATCH = 16
+#: (rows M = matrices x S, S) of the batched-matmul grid: M/S products of S x S by S x S, as
+#: attention's score and value products are (one per sample and head, each a few dozen wide)
+BMM_M = (1024, 8192)
+BMM_S = (16, 64, 256)
+#: the width of attention's rows on the softmax grid (a sequence length)
+SOFTMAX_T = 64
 #: elements of the memory-bound layers' grid, and parameter counts of the optimizer grid
 ELEMS = (1 << 10, 1 << 14, 1 << 18, 1 << 21)
 PARAMS = (300, 1 << 14, 1 << 17, 1 << 20, 1 << 22)
 #: the tests' grids: seconds, not minutes
 TINY = {"dense_m": (16, 128), "dense_s": (64, 256), "conv_c": (8, 32), "conv_hw": (2, 8),
-        "elems": (1 << 10, 1 << 16), "params": (300, 1 << 16)}
+        "elems": (1 << 10, 1 << 16), "params": (300, 1 << 16), "bmm_m": (256,), "bmm_s": (16, 64)}
 
 
 def grids(tiny: bool) -> dict[str, tuple[int, ...]]:
     if tiny:
         return dict(TINY)
-    return {"dense_m": DENSE_M, "dense_s": DENSE_S, "conv_c": CONV_C, "conv_hw": CONV_HW, "elems": ELEMS, "params": PARAMS}
+    return {"dense_m": DENSE_M, "dense_s": DENSE_S, "conv_c": CONV_C, "conv_hw": CONV_HW, "elems": ELEMS, "params": PARAMS,
+            "bmm_m": BMM_M, "bmm_s": BMM_S}
+
+
+def softmax_shape(n: int) -> tuple[int, int, int]:
+    """(matrices, rows, row width) of ``n`` attention scores: rows of SOFTMAX_T (fewer below it)."""
+    t = SOFTMAX_T if n >= SOFTMAX_T * SOFTMAX_T else max(1, int(n**0.5))
+    return max(1, n // (t * t)), t, t
 
 
 def time_calls(fn: Callable[[], Any], reps: int, inner: int) -> float:
@@ -78,8 +93,8 @@ def torch_table(tiny: bool = False) -> dict[str, Any]:
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        out: dict[str, Any] = {"dense": [], "conv": [], "eltwise": [], "gelu": [], "layernorm": [], "batchnorm": [],
-                               "adam": [], "sgd": []}
+        out: dict[str, Any] = {"dense": [], "conv": [], "bmm": [], "eltwise": [], "gelu": [], "softmax": [],
+                               "layernorm": [], "batchnorm": [], "adam": [], "sgd": []}
         for m in g["dense_m"]:
             for s in g["dense_s"]:
                 lin = torch.nn.Linear(s, s)
@@ -98,10 +113,26 @@ def torch_table(tiny: bool = False) -> dict[str, Any]:
                     conv(x).sum().backward()
 
                 out["conv"].append((CONV_BATCH * hw * hw, 9 * c, c, _timed(cv)))
+        # attention's products: many small matrices, both operands activations (two input gradients,
+        # no weight gradient). Priced as one GEMM of all their rows they came out 2.5x too cheap here
+        for m in g["bmm_m"]:
+            for s in g["bmm_s"]:
+                q, k = (torch.randn(max(1, m // s), s, s, requires_grad=True) for _ in range(2))
+
+                def bmm() -> None:
+                    (q @ k.transpose(-2, -1)).sum().backward()
+
+                out["bmm"].append((max(1, m // s) * s, s, s, _timed(bmm)))
         for n in g["elems"]:
             x = torch.randn(n, requires_grad=True)
             out["eltwise"].append((n, _timed(lambda: torch.relu(x).sum().backward())))
-            out["gelu"].append((n, _timed(lambda: torch.nn.functional.gelu(x).sum().backward())))
+            out["gelu"].append((n, _timed(lambda: torch.nn.functional.gelu(x, approximate="tanh").sum().backward())))
+            g_, t, _ = softmax_shape(n)
+            sc = torch.randn(g_, t, t, requires_grad=True)
+            causal = torch.ones(t, t, dtype=torch.bool).tril()
+            # the score epilogue as attention writes it: scale, causal mask, softmax (3.3x a ReLU here)
+            out["softmax"].append((g_ * t * t, _timed(
+                lambda: (sc * 0.125).masked_fill(~causal, float("-inf")).softmax(-1).sum().backward())))
             d = 128 if n >= 128 else n
             xl = torch.randn(n // d, d, requires_grad=True)
             ln = torch.nn.LayerNorm(d)
@@ -160,8 +191,8 @@ def jax_table(tiny: bool = False) -> dict[str, Any]:
         extra = marginal(lambda w, x_: jax.nn.gelu(x_ @ w), c) - marginal(lambda w, x_: x_ @ w, c)
         return 16 * t * f, max(extra, alone)
 
-    out: dict[str, Any] = {"dense": [], "conv": [], "eltwise": [], "gelu": [], "layernorm": [], "batchnorm": [],
-                           "adam": [], "sgd": []}
+    out: dict[str, Any] = {"dense": [], "conv": [], "bmm": [], "eltwise": [], "gelu": [], "softmax": [],
+                           "layernorm": [], "batchnorm": [], "adam": [], "sgd": []}
     for m in g["dense_m"]:
         for s in g["dense_s"]:
             c = (jnp.ones((s, s), jnp.float32) * 1e-3, jnp.ones((m, s), jnp.float32))
@@ -172,11 +203,19 @@ def jax_table(tiny: bool = False) -> dict[str, Any]:
                 return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
             c = (jnp.ones((3, 3, ch, ch), jnp.float32) * 1e-3, jnp.ones((CONV_BATCH, hw, hw, ch), jnp.float32))
             out["conv"].append((CONV_BATCH * hw * hw, 9 * ch, ch, marginal(conv, c)))
+    for m in g["bmm_m"]:  # attention's products: both operands activations, as q k^T is
+        for s in g["bmm_s"]:
+            c = (jnp.ones((), jnp.float32) * 1e-3, jnp.ones((max(1, m // s), s, s), jnp.float32))
+            out["bmm"].append((max(1, m // s) * s, s, s, marginal(lambda w, x: (x @ jnp.swapaxes(x, -1, -2)) * w, c)))
     for n in g["elems"]:
         d = 128 if n >= 128 else n
         x = jnp.ones((n // d, d), jnp.float32)
         out["eltwise"].append((n, marginal(lambda w, x_: jax.nn.relu(x_ * w), (jnp.ones((), jnp.float32), x))))
         out["gelu"].append(gelu_epilogue(n))
+        g_, t, _ = softmax_shape(n)
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        out["softmax"].append((g_ * t * t, marginal(lambda w, x_: jax.nn.softmax(jnp.where(causal, x_ * w, -jnp.inf), axis=-1),
+                                                    (jnp.ones((), jnp.float32) * 0.125, jnp.ones((g_, t, t), jnp.float32)))))
 
         def ln(w: Any, x_: Any) -> Any:
             mu = x_.mean(-1, keepdims=True)

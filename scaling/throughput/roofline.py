@@ -30,12 +30,14 @@ hidden (``compute.OVERLAP_HIDDEN``).
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from scaling.errors import UsageError
 
-MATMUL_KINDS = ("conv", "dense", "attention", "matmul")
+MATMUL_KINDS = ("conv", "dense", "attention", "bmm", "matmul")
 BUCKET_BYTES = 25 * 2**20
 """PyTorch DDP's default bucket (bucket_cap_mb=25, torch.nn.parallel.DistributedDataParallel docs)."""
 OPTIMIZER_BYTES_PER_PARAM = 20
@@ -71,6 +73,12 @@ class LayerWork:
         return self.kind in MATMUL_KINDS
 
 
+def _stated_gemm(c: Any) -> tuple[float, float] | None:
+    """(rows per sample, sqrt(K x N)) of a matmul whose spec states its shape; None: recovered later."""
+    g = c.gemm
+    return (float(g[0]), math.sqrt(float(g[1]) * float(g[2]))) if g else None
+
+
 def layer_works(costs: Sequence[Any], input_elems: int) -> tuple[LayerWork, ...]:
     """LayerWork from a spec's ``layer_costs()`` by the traffic rule of this module."""
     out: list[LayerWork] = []
@@ -84,7 +92,7 @@ def layer_works(costs: Sequence[Any], input_elems: int) -> tuple[LayerWork, ...]
                                  float(c.backward_flops), n_in + n_out + 2 * epi,
                                  (n_in + 2 * n_out if first else 2 * (n_in + n_out)) + 3 * epi, int(c.params),
                                  1 + (1 if epi else 0), (1 if first else 2) + (1 if epi else 0), n_out,
-                                 float(c.elementwise), None, c.activation, float(c.activation_elems)))
+                                 float(c.elementwise), _stated_gemm(c), c.activation, float(c.activation_elems)))
         elif c.kind in ("bn", "layernorm", "batchnorm"):
             out.append(LayerWork(c.name, c.kind, 0.0, 0.0, 3 * n_out, 5 * n_out, int(c.params), 1, 1, n_out))
         elif c.kind in ("maxpool", "avgpool", "gap"):
