@@ -134,6 +134,31 @@ def test_real_layer_tables(table):
     # no real update beats (XLA fused the old chain of updates into one pass: SGD at 0.1 us a size)
     assert tab["sgd"][-1][1] > 1e-6 and tab["adam"][-1][1] > tab["adam"][0][1]
     assert host_step.has_table(tab)
+    counts = layer_rates.TENSORS[table]
+    assert [c for c, _ in tab["adam_tensors"]] == list(counts) == [c for c, _ in tab["sgd_tensors"]]
+    if table == "torch":  # eager torch steps tensor by tensor: 32 tensors cost more than 4 of the same parameters
+        assert tab["adam_tensors"][1][1] > tab["adam_tensors"][0][1]
+
+
+def test_each_tensor_adds_to_the_update_and_the_reference_s_come_out():
+    """A spec's update is the curve at its parameters plus, for each tensor beyond the count the
+    curve was measured with, what the table's two splits differ by per tensor; 0 tensors (unknown)
+    or a table without the split: the curve alone. In a prediction the reference's own four tensors
+    are in its overhead already: only the model's tensors beyond them add, slowed as the rest."""
+    tab = power_table()
+    curve = host_step.update_seconds(1e5, tab, "adam")
+    tab["adam_tensors"] = [(4, 1e-4), (32, 1e-4 + 28 * 2e-5)]  # 20 us a tensor
+    assert host_step.update_seconds(1e5, tab, "adam") == pytest.approx(curve)  # tensors unknown
+    assert host_step.update_seconds(1e5, tab, "adam", 2) == pytest.approx(curve)  # fewer than the curve's own
+    assert host_step.update_seconds(1e5, tab, "adam", 62) == pytest.approx(curve + 58 * 2e-5)
+    spec = get_spec("resnet18", small=True, image_size=16, width=16, num_classes=10)
+    wl = estimate.workload(spec)
+    assert wl.leaves == len(spec.param_shapes()) == 62
+    cal = torch_cal(4)
+    without = estimate.predict_step(wl, "host-cpu", 4, 64, backend="torch-ddp", calibration=cal).compute_s
+    cal["layers"]["torch"]["adam_tensors"] = tab["adam_tensors"]
+    with_ = estimate.predict_step(wl, "host-cpu", 4, 64, backend="torch-ddp", calibration=cal).compute_s
+    assert with_ - without == pytest.approx(2.5 * 2e-5 * (62 - 4))
 
 
 def test_a_users_measured_step_adds_its_own_optimizers_update():

@@ -265,9 +265,12 @@ def _predict_host(wl: Workload, hw: catalog.Hardware, n: int, global_batch: floa
         # its bytes take, whichever is more (``host_step.contended_seconds``)
         opt = optimizer if wl.works else wl.optimizer
         ref = layer_works(_ref_spec().layer_costs(), REF_MODEL_OPTS["d_in"])
+        # a spec's parameter tensors each add to the update (the reference's four, in its overhead,
+        # are taken out with it); a recorded run does not know its tensors: the curve's own count
+        tensors, ref_tensors = (wl.leaves, len(_ref_spec().param_shapes())) if wl.works and wl.leaves else (0, 0)
         compute = max(0.0, host_step.contended_seconds(works, per_dev, terms.layers, opt, terms.slowdown,  # type: ignore[arg-type]
-                                                       terms.stream_seconds, None if wl.works else wl.params)
-                      - terms.slowdown * host_step.step_seconds(ref, 1.0, terms.layers, opt))  # type: ignore[arg-type]
+                                                       terms.stream_seconds, None if wl.works else wl.params, tensors)
+                      - terms.slowdown * host_step.step_seconds(ref, 1.0, terms.layers, opt, None, ref_tensors))  # type: ignore[arg-type]
     elif wl.op_flops:  # measured calls without a forward record (an older run): each one GEMM/conv of that many FLOPs
         compute_1 = sum(f / terms.gemm_rate(f) for f in wl.op_flops)
         if wl.optimizer and host_step.has_table(terms.layers):

@@ -21,7 +21,8 @@ step is then the sum over its op list (``roofline.LayerWork``) of each layer at 
   ReLU's in XLA here, 1.6x in eager torch; the score epilogue 13x a ReLU in eager torch);
 - a norm reads its own curve (batch or layer norm); activations, adds, pools and embeddings the
   elementwise curve, by the elements they write;
-- the optimizer update by the model's parameter count (log-log between the measured sizes).
+- the optimizer update by the model's parameter count (log-log between the measured sizes), and
+  by its tensors where the spec knows them (torch steps its CPU optimizers tensor by tensor).
 
 N devices at once: each piece takes its one-device time times the GEMM slowdown at N, but never
 less than N devices moving its bytes at once take (the calibration's memory probe at N). XLA-CPU's
@@ -95,12 +96,22 @@ def _curve(points: Sequence[Sequence[float]], x: float) -> float:
     return loglog(xs, [p[1] for p in points], max(x, min(xs)))
 
 
-def update_seconds(params: float, table: dict[str, Any], optimizer: str | None) -> float:
-    """The optimizer's update of ``params`` parameters; None (an optimizer without a curve): 0."""
+def update_seconds(params: float, table: dict[str, Any], optimizer: str | None, tensors: int = 0) -> float:
+    """The optimizer's update of ``params`` parameters in ``tensors`` tensors (0: unknown, as many as
+    the curve was measured with); None (an optimizer without a curve): 0. Each tensor beyond the
+    curve's own count adds what the table's two splits of the same parameters differ by per tensor."""
     if optimizer is None:
         return 0.0
-    pts = table.get(optimizer) or table.get("adam") or []
-    return _curve(pts, max(params, 1.0)) if pts else 0.0
+    name = optimizer if table.get(optimizer) else "adam"
+    pts = table.get(name) or []
+    if not pts:
+        return 0.0
+    t = _curve(pts, max(params, 1.0))
+    split = table.get(f"{name}_tensors") or []
+    if tensors and len(split) >= 2:
+        (c0, t0), (c1, t1) = split[0], split[-1]
+        t += max(0.0, (t1 - t0) / (c1 - c0)) * max(0, tensors - c0)
+    return t
 
 
 #: bytes a float32 update moves per parameter: SGD reads p and g and writes p; Adam reads and writes
@@ -117,24 +128,25 @@ def layer_bytes(w: LayerWork, batch: float) -> float:
 
 
 def contended_seconds(works: Sequence[LayerWork], batch: float, table: dict[str, Any], optimizer: str | None,
-                      slowdown: float, memory_floor: Callable[[float], float], params: float | None = None) -> float:
+                      slowdown: float, memory_floor: Callable[[float], float], params: float | None = None,
+                      tensors: int = 0) -> float:
     """``step_seconds`` on each of N devices at once: every layer and the update slowed by the GEMM
     contention, or as long as N devices moving its bytes take (``memory_floor``), whichever is more."""
     params = sum(w.params for w in works) if params is None else params
     total = sum(max(layer_seconds(w, batch, table) * slowdown, memory_floor(layer_bytes(w, batch))) for w in works)
-    upd = update_seconds(params, table, optimizer)
+    upd = update_seconds(params, table, optimizer, tensors)
     if upd:
         total += max(upd * slowdown, memory_floor(UPDATE_BYTES.get(optimizer or "", UPDATE_BYTES["adam"]) * params))
     return total
 
 
 def step_seconds(works: Sequence[LayerWork], batch: float, table: dict[str, Any], optimizer: str | None,
-                 params: float | None = None) -> float:
+                 params: float | None = None, tensors: int = 0) -> float:
     """Forward + backward of every layer, and the optimizer update of ``params`` parameters (default:
     the layers' own; a recorded step's layers do not know which tensors were parameters), of one
     device alone."""
     params = sum(w.params for w in works) if params is None else params
-    return sum(layer_seconds(w, batch, table) for w in works) + update_seconds(params, table, optimizer)
+    return sum(layer_seconds(w, batch, table) for w in works) + update_seconds(params, table, optimizer, tensors)
 
 
 def recorded_works(layers: Sequence[dict[str, Any]], batch: float, backward_gemm_flops: float) -> tuple[LayerWork, ...]:

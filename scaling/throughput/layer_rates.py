@@ -44,6 +44,10 @@ SOFTMAX_T = 64
 #: elements of the memory-bound layers' grid, and parameter counts of the optimizer grid
 ELEMS = (1 << 10, 1 << 14, 1 << 18, 1 << 21)
 PARAMS = (300, 1 << 14, 1 << 17, 1 << 20, 1 << 22)
+#: tensors the same TENSORS_PARAMS parameters are split into, to measure what each tensor adds to
+#: an optimizer update; the first count is the one the update curve was measured with
+TENSORS = {"torch": (4, 32), "jax": (1, 32)}
+TENSORS_PARAMS = 1 << 16
 #: the tests' grids: seconds, not minutes
 TINY = {"dense_m": (16, 128), "dense_s": (64, 256), "conv_c": (8, 32), "conv_hw": (2, 8),
         "elems": (1 << 10, 1 << 16), "params": (300, 1 << 16), "bmm_m": (256,), "bmm_s": (16, 64)}
@@ -94,7 +98,7 @@ def torch_table(tiny: bool = False) -> dict[str, Any]:
     torch.set_num_threads(1)
     try:
         out: dict[str, Any] = {"dense": [], "conv": [], "bmm": [], "eltwise": [], "gelu": [], "softmax": [],
-                               "layernorm": [], "batchnorm": [], "adam": [], "sgd": []}
+                               "layernorm": [], "batchnorm": [], "adam": [], "sgd": [], "adam_tensors": [], "sgd_tensors": []}
         for m in g["dense_m"]:
             for s in g["dense_s"]:
                 lin = torch.nn.Linear(s, s)
@@ -148,6 +152,15 @@ def torch_table(tiny: bool = False) -> dict[str, Any]:
                 q.grad = torch.randn_like(q)
             for name, opt in (("adam", torch.optim.Adam(ps, lr=1e-6)), ("sgd", torch.optim.SGD(ps, lr=1e-6))):
                 out[name].append((4 * max(1, p // 4), _timed(opt.step)))
+        # what each tensor adds: torch's CPU optimizers step tensor by tensor (Adam ~10 kernels
+        # each: ~22 us a tensor here, so ResNet-18's 62 tensors cost 1.3 ms more than 4 of the
+        # same parameters)
+        for c in TENSORS["torch"]:
+            ps = [torch.nn.Parameter(torch.randn(TENSORS_PARAMS // c)) for _ in range(c)]
+            for q in ps:
+                q.grad = torch.randn_like(q)
+            for name, opt in (("adam", torch.optim.Adam(ps, lr=1e-6)), ("sgd", torch.optim.SGD(ps, lr=1e-6))):
+                out[f"{name}_tensors"].append((c, _timed(opt.step)))
         return out
     finally:
         torch.set_num_threads(old)
@@ -192,7 +205,7 @@ def jax_table(tiny: bool = False) -> dict[str, Any]:
         return 16 * t * f, max(extra, alone)
 
     out: dict[str, Any] = {"dense": [], "conv": [], "bmm": [], "eltwise": [], "gelu": [], "softmax": [],
-                           "layernorm": [], "batchnorm": [], "adam": [], "sgd": []}
+                           "layernorm": [], "batchnorm": [], "adam": [], "sgd": [], "adam_tensors": [], "sgd_tensors": []}
     for m in g["dense_m"]:
         for s in g["dense_s"]:
             c = (jnp.ones((s, s), jnp.float32) * 1e-3, jnp.ones((m, s), jnp.float32))
@@ -253,4 +266,17 @@ def jax_table(tiny: bool = False) -> dict[str, Any]:
             jax.block_until_ready(f1(params, state, grads))
             t1 = _timed(lambda: jax.block_until_ready(f1(params, state, grads)))
             out[name].append((max(1, p), max(t1 - t0, 1e-7)))
+    for c in TENSORS["jax"]:  # the same parameters in c arrays: what each array adds to the update
+        params = [jnp.full((TENSORS_PARAMS // c,), 1.0, jnp.float32) for _ in range(c)]
+        grads = [jnp.full((TENSORS_PARAMS // c,), 1e-3, jnp.float32) for _ in range(c)]
+        for name, tx in (("adam", optax.adam(1e-6)), ("sgd", optax.sgd(1e-6))):
+            state = tx.init(params)
+
+            def upd(ps: Any, st: Any, gs: Any, tx: Any = tx) -> Any:
+                u, st = tx.update(gs, st, ps)
+                return optax.apply_updates(ps, u), st
+
+            f1 = jax.jit(upd)
+            jax.block_until_ready(f1(params, state, grads))
+            out[f"{name}_tensors"].append((c, max(_timed(lambda: jax.block_until_ready(f1(params, state, grads))) - t0, 1e-7)))
     return out
