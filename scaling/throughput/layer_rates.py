@@ -252,31 +252,28 @@ def jax_table(tiny: bool = False) -> dict[str, Any]:
     empty = jax.jit(lambda v: v + 1.0)
     jax.block_until_ready(empty(x0))
     t0 = _timed(lambda: jax.block_until_ready(empty(x0)))
+
+    def updates(sizes: list[int]) -> dict[str, float]:
+        """Seconds of each optimizer's update of arrays of ``sizes``, less the empty program's."""
+        params = [jnp.full((n,), 1.0, jnp.float32) for n in sizes]
+        grads = [jnp.full((n,), 1e-3, jnp.float32) for n in sizes]
+        got = {}
+        for name, tx in (("adam", optax.adam(1e-6)), ("sgd", optax.sgd(1e-6))):
+            state = tx.init(params)
+
+            def upd(ps: Any, st: Any, gs: Any, tx: Any = tx) -> Any:
+                u, st = tx.update(gs, st, ps)
+                return optax.apply_updates(ps, u), st
+
+            f1 = jax.jit(upd)
+            jax.block_until_ready(f1(params, state, grads))
+            got[name] = max(_timed(lambda: jax.block_until_ready(f1(params, state, grads))) - t0, 1e-7)
+        return got
+
     for p in g["params"]:
-        params = [jnp.full((max(1, p),), 1.0, jnp.float32)]
-        grads = [jnp.full((max(1, p),), 1e-3, jnp.float32)]
-        for name, tx in (("adam", optax.adam(1e-6)), ("sgd", optax.sgd(1e-6))):
-            state = tx.init(params)
-
-            def upd(ps: Any, st: Any, gs: Any, tx: Any = tx) -> Any:
-                u, st = tx.update(gs, st, ps)
-                return optax.apply_updates(ps, u), st
-
-            f1 = jax.jit(upd)
-            jax.block_until_ready(f1(params, state, grads))
-            t1 = _timed(lambda: jax.block_until_ready(f1(params, state, grads)))
-            out[name].append((max(1, p), max(t1 - t0, 1e-7)))
+        for name, t in updates([max(1, p)]).items():
+            out[name].append((max(1, p), t))
     for c in TENSORS["jax"]:  # the same parameters in c arrays: what each array adds to the update
-        params = [jnp.full((TENSORS_PARAMS // c,), 1.0, jnp.float32) for _ in range(c)]
-        grads = [jnp.full((TENSORS_PARAMS // c,), 1e-3, jnp.float32) for _ in range(c)]
-        for name, tx in (("adam", optax.adam(1e-6)), ("sgd", optax.sgd(1e-6))):
-            state = tx.init(params)
-
-            def upd(ps: Any, st: Any, gs: Any, tx: Any = tx) -> Any:
-                u, st = tx.update(gs, st, ps)
-                return optax.apply_updates(ps, u), st
-
-            f1 = jax.jit(upd)
-            jax.block_until_ready(f1(params, state, grads))
-            out[f"{name}_tensors"].append((c, max(_timed(lambda: jax.block_until_ready(f1(params, state, grads))) - t0, 1e-7)))
+        for name, t in updates([TENSORS_PARAMS // c] * c).items():
+            out[f"{name}_tensors"].append((c, t))
     return out
