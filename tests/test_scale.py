@@ -139,13 +139,18 @@ def test_a_users_script_is_predicted_from_the_layers_it_ran(weak_sweep, tmp_path
     """examples/digits_cnn.py: a model no spec describes and the calibration never ran. Its first
     step's recorded forward (two convolutions, two ReLUs, a linear layer, at their shapes) is
     priced from the layer table, within 0.5-2x of the measured step (pricing its matmul calls as
-    square GEMMs, the rule this replaced, gave 0.31x and 0.40x here)."""
+    square GEMMs, the rule this replaced, gave 0.31x and 0.40x here). The prediction is for an idle
+    machine and other load only ever adds time, so each N is run twice and held against the faster
+    (one CI run on a busy host measured 5.9 ms at N = 2, where three runs minutes later read 3.7-4.6)."""
     script = ROOT / "examples" / "digits_cnn.py"
     for n in (1, 2):
-        out = tmp_path / f"digits{n}.json"
-        podscale("run", str(script), "--backend", "torch-ddp", "--devices", str(n), "--global-batch", "64",
-                 "--steps", "40", "--probe-steps", "0", "--quiet", "--json", str(out))
-        r = json.loads(out.read_text())
+        runs = []
+        for k in range(2):
+            out = tmp_path / f"digits{n}-{k}.json"
+            podscale("run", str(script), "--backend", "torch-ddp", "--devices", str(n), "--global-batch", "64",
+                     "--steps", "40", "--probe-steps", "0", "--quiet", "--json", str(out))
+            runs.append(json.loads(out.read_text()))
+        r = min(runs, key=lambda x: x["step_time_s"])
         assert r["op_record"]["layers"] and r["predicted_step_time_s"] is not None, n
         assert 0.5 <= r["predicted_step_time_s"] / r["step_time_s"] <= 2.0, (n, r["predicted_step_time_s"], r["step_time_s"])
 
