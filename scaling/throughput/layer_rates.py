@@ -146,21 +146,24 @@ def torch_table(tiny: bool = False) -> dict[str, Any]:
             xb = torch.randn(4, c, side, side, requires_grad=True)
             bn = torch.nn.BatchNorm2d(c)
             out["batchnorm"].append((4 * c * side * side, _timed(lambda: bn(xb).sum().backward())))
-        for p in g["params"]:
-            ps = [torch.nn.Parameter(torch.randn(max(1, p // 4))) for _ in range(4)]
+
+        def updates(sizes: list[int]) -> dict[str, float]:
+            """Seconds of each optimizer's step over tensors of ``sizes``."""
+            ps = [torch.nn.Parameter(torch.randn(n)) for n in sizes]
             for q in ps:
                 q.grad = torch.randn_like(q)
-            for name, opt in (("adam", torch.optim.Adam(ps, lr=1e-6)), ("sgd", torch.optim.SGD(ps, lr=1e-6))):
-                out[name].append((4 * max(1, p // 4), _timed(opt.step)))
+            return {name: _timed(opt.step) for name, opt in (("adam", torch.optim.Adam(ps, lr=1e-6)),
+                                                             ("sgd", torch.optim.SGD(ps, lr=1e-6)))}
+
+        for p in g["params"]:
+            for name, t in updates([max(1, p // 4)] * 4).items():
+                out[name].append((4 * max(1, p // 4), t))
         # what each tensor adds: torch's CPU optimizers step tensor by tensor (Adam ~10 kernels
         # each: ~22 us a tensor here, so ResNet-18's 62 tensors cost 1.3 ms more than 4 of the
         # same parameters)
         for c in TENSORS["torch"]:
-            ps = [torch.nn.Parameter(torch.randn(TENSORS_PARAMS // c)) for _ in range(c)]
-            for q in ps:
-                q.grad = torch.randn_like(q)
-            for name, opt in (("adam", torch.optim.Adam(ps, lr=1e-6)), ("sgd", torch.optim.SGD(ps, lr=1e-6))):
-                out[f"{name}_tensors"].append((c, _timed(opt.step)))
+            for name, t in updates([TENSORS_PARAMS // c] * c).items():
+                out[f"{name}_tensors"].append((c, t))
         return out
     finally:
         torch.set_num_threads(old)

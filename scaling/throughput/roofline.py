@@ -31,7 +31,6 @@ hidden (``compute.OVERLAP_HIDDEN``).
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
