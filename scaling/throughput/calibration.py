@@ -58,6 +58,13 @@ def gemm_source(backend: str) -> str:
     """Which GEMM table a backend's compute is predicted from: torch's (gloo ranks) or XLA's (via jax)."""
     return "torch" if FAMILIES[backend][0] == "gloo" else "jax"
 
+
+def layer_source(backend: str) -> str:
+    """Which layer table a backend's step is composed from: the framework that traces its layers.
+    torch-xla's own (``layer_rates_xla``): its lowering of the same model runs far slower on
+    XLA-CPU than jax's (ResNet-18 at N = 16: 8.1 s a step against jax-sharded's 0.62 s)."""
+    return "torch_xla" if backend == "torch-xla" else gemm_source(backend)
+
 """The reference model: mlp 16-16-1 (289 parameters): a step that is all overhead."""
 
 def path() -> Path:
@@ -222,7 +229,7 @@ def host_terms(cal: dict[str, Any], backend: str, n: int, dtype: str = "float32"
         return e["overhead_s"], e["slowdown"], [tuple(p) for p in c["points"]], c["alpha"], c["bw"]
 
     ref_bytes = float(b.get("ref_grad_bytes", 0))
-    layers = cal.get("layers", {}).get(fw) or None
+    layers = cal.get("layers", {}).get(layer_source(backend)) or None
     cores = int(cal.get("cores") or host.host_cores())
     if n in per_n:
         o, s, pts, a, bw = at(n)

@@ -26,8 +26,9 @@ from typing import Any, Callable
 #: per table: jax 2 = its optimizer update as one update's own program less an empty one (1: the
 #: marginal cost of a chain of updates, which XLA fuses into one pass); 3 and torch 2: a GELU curve;
 #: 4 and torch 3: batched matmuls (``bmm``) and attention's score epilogue (``softmax``) as curves of
-#: their own, and torch's GELU in the tanh form the zoo's transformers (and GPT-2) run
-METHOD = {"torch": 3, "jax": 4}
+#: their own, and torch's GELU in the tanh form the zoo's transformers (and GPT-2) run; torch_xla 1:
+#: its own table (``layer_rates_xla``), where it had read jax's
+METHOD = {"torch": 3, "jax": 4, "torch_xla": 1}
 #: (rows M = samples x positions, S = sqrt(K x N)) of the dense grid: square K = N = S
 DENSE_M = (16, 128, 1024)
 DENSE_S = (64, 256, 1024)
@@ -46,7 +47,7 @@ ELEMS = (1 << 10, 1 << 14, 1 << 18, 1 << 21)
 PARAMS = (300, 1 << 14, 1 << 17, 1 << 20, 1 << 22)
 #: tensors the same TENSORS_PARAMS parameters are split into, to measure what each tensor adds to
 #: an optimizer update; the first count is the one the update curve was measured with
-TENSORS = {"torch": (4, 32), "jax": (1, 32)}
+TENSORS = {"torch": (4, 32), "jax": (1, 32), "torch_xla": (4, 32)}
 TENSORS_PARAMS = 1 << 16
 #: the tests' grids: seconds, not minutes
 TINY = {"dense_m": (16, 128), "dense_s": (64, 256), "conv_c": (8, 32), "conv_hw": (2, 8),
@@ -66,25 +67,29 @@ def softmax_shape(n: int) -> tuple[int, int, int]:
     return max(1, n // (t * t)), t, t
 
 
-def time_calls(fn: Callable[[], Any], reps: int, inner: int) -> float:
-    """Median over ``reps`` of the mean time of ``inner`` back-to-back calls."""
+def time_calls(fn: Callable[[], Any], reps: int, inner: int, drain: Callable[[], Any] = lambda: None) -> float:
+    """Median over ``reps`` of the mean time of ``inner`` back-to-back calls, ``drain`` (waiting
+    for an asynchronous device) once after each repeat's calls."""
     out = []
     for _ in range(reps):
         t = time.perf_counter()
         for _ in range(inner):
             fn()
+        drain()
         out.append((time.perf_counter() - t) / inner)
     return statistics.median(out)
 
 
-def _timed(fn: Callable[[], Any], budget_s: float = 0.08, reps: int = 5) -> float:
+def timed(fn: Callable[[], Any], budget_s: float = 0.08, reps: int = 5, drain: Callable[[], Any] = lambda: None) -> float:
     """Median seconds of one call, each repeat long enough (~budget_s) that a VM's jitter averages out."""
     for _ in range(2):
         fn()
+    drain()
     t = time.perf_counter()
     fn()
+    drain()
     one = max(time.perf_counter() - t, 1e-7)
-    return time_calls(fn, reps, max(1, min(200, int(budget_s / one))))
+    return time_calls(fn, reps, max(1, min(200, int(budget_s / one))), drain)
 
 
 # ---- torch (eager, one thread) --------------------------------------------------------------------
@@ -107,7 +112,7 @@ def torch_table(tiny: bool = False) -> dict[str, Any]:
                 def dense() -> None:
                     lin(x).sum().backward()
 
-                out["dense"].append((m, s, s, _timed(dense)))
+                out["dense"].append((m, s, s, timed(dense)))
         for c in g["conv_c"]:
             for hw in g["conv_hw"]:
                 conv = torch.nn.Conv2d(c, c, 3, padding=1, bias=False)
@@ -116,7 +121,7 @@ def torch_table(tiny: bool = False) -> dict[str, Any]:
                 def cv() -> None:
                     conv(x).sum().backward()
 
-                out["conv"].append((CONV_BATCH * hw * hw, 9 * c, c, _timed(cv)))
+                out["conv"].append((CONV_BATCH * hw * hw, 9 * c, c, timed(cv)))
         # attention's products: many small matrices, both operands activations (two input gradients,
         # no weight gradient). Priced as one GEMM of all their rows they came out 2.5x too cheap here
         for m in g["bmm_m"]:
@@ -126,33 +131,33 @@ def torch_table(tiny: bool = False) -> dict[str, Any]:
                 def bmm() -> None:
                     (q @ k.transpose(-2, -1)).sum().backward()
 
-                out["bmm"].append((max(1, m // s) * s, s, s, _timed(bmm)))
+                out["bmm"].append((max(1, m // s) * s, s, s, timed(bmm)))
         for n in g["elems"]:
             x = torch.randn(n, requires_grad=True)
-            out["eltwise"].append((n, _timed(lambda: torch.relu(x).sum().backward())))
-            out["gelu"].append((n, _timed(lambda: torch.nn.functional.gelu(x, approximate="tanh").sum().backward())))
+            out["eltwise"].append((n, timed(lambda: torch.relu(x).sum().backward())))
+            out["gelu"].append((n, timed(lambda: torch.nn.functional.gelu(x, approximate="tanh").sum().backward())))
             g_, t, _ = softmax_shape(n)
             sc = torch.randn(g_, t, t, requires_grad=True)
             causal = torch.ones(t, t, dtype=torch.bool).tril()
             # the score epilogue as attention writes it: scale, causal mask, softmax (3.3x a ReLU here)
-            out["softmax"].append((g_ * t * t, _timed(
+            out["softmax"].append((g_ * t * t, timed(
                 lambda: (sc * 0.125).masked_fill(~causal, float("-inf")).softmax(-1).sum().backward())))
             d = 128 if n >= 128 else n
             xl = torch.randn(n // d, d, requires_grad=True)
             ln = torch.nn.LayerNorm(d)
-            out["layernorm"].append((n, _timed(lambda: ln(xl).sum().backward())))
+            out["layernorm"].append((n, timed(lambda: ln(xl).sum().backward())))
             c = 16
             side = max(1, int((n // (c * 4)) ** 0.5))
             xb = torch.randn(4, c, side, side, requires_grad=True)
             bn = torch.nn.BatchNorm2d(c)
-            out["batchnorm"].append((4 * c * side * side, _timed(lambda: bn(xb).sum().backward())))
+            out["batchnorm"].append((4 * c * side * side, timed(lambda: bn(xb).sum().backward())))
 
         def updates(sizes: list[int]) -> dict[str, float]:
             """Seconds of each optimizer's step over tensors of ``sizes``."""
             ps = [torch.nn.Parameter(torch.randn(n)) for n in sizes]
             for q in ps:
                 q.grad = torch.randn_like(q)
-            return {name: _timed(opt.step) for name, opt in (("adam", torch.optim.Adam(ps, lr=1e-6)),
+            return {name: timed(opt.step) for name, opt in (("adam", torch.optim.Adam(ps, lr=1e-6)),
                                                              ("sgd", torch.optim.SGD(ps, lr=1e-6)))}
 
         for p in g["params"]:
@@ -190,7 +195,7 @@ def jax_table(tiny: bool = False) -> dict[str, Any]:
 
         f = jax.jit(jax.grad(loss, argnums=(0, 1)))
         jax.block_until_ready(f(w, x))
-        return _timed(lambda: jax.block_until_ready(f(w, x)))
+        return timed(lambda: jax.block_until_ready(f(w, x)))
 
     def marginal(layer: Callable[[Any, Any], Any], carry: Any) -> float:
         w, x = carry
@@ -254,7 +259,7 @@ def jax_table(tiny: bool = False) -> dict[str, Any]:
     x0 = jnp.ones((), jnp.float32)
     empty = jax.jit(lambda v: v + 1.0)
     jax.block_until_ready(empty(x0))
-    t0 = _timed(lambda: jax.block_until_ready(empty(x0)))
+    t0 = timed(lambda: jax.block_until_ready(empty(x0)))
 
     def updates(sizes: list[int]) -> dict[str, float]:
         """Seconds of each optimizer's update of arrays of ``sizes``, less the empty program's."""
@@ -270,7 +275,7 @@ def jax_table(tiny: bool = False) -> dict[str, Any]:
 
             f1 = jax.jit(upd)
             jax.block_until_ready(f1(params, state, grads))
-            got[name] = max(_timed(lambda: jax.block_until_ready(f1(params, state, grads))) - t0, 1e-7)
+            got[name] = max(timed(lambda: jax.block_until_ready(f1(params, state, grads))) - t0, 1e-7)
         return got
 
     for p in g["params"]:

@@ -29,7 +29,7 @@ from scaling.errors import RunFailed, UsageError
 from scaling.throughput import host, layer_rates
 from scaling.throughput.layer_rates import time_calls as _time_calls
 from scaling.throughput.calibration import (FAMILIES, REF_MODEL_OPTS, VERSION, _empty, fit_alpha_beta, framework_version,
-                                            gemm_source, load, monotone, ref_grad_bytes, save)
+                                            gemm_source, layer_source, load, monotone, ref_grad_bytes, save)
 
 
 
@@ -147,6 +147,17 @@ def measure_xla_layers(sizes: Sizes, timeout: float = 600.0) -> dict[str, Any]:
         return json.loads(out.read_text())
 
 
+def measure_torch_xla_layers(sizes: Sizes, timeout: float = 900.0) -> dict[str, Any]:
+    """torch_xla's own layer table (``layer_rates_xla``) on one XLA-CPU device, in its own process."""
+    with tempfile.TemporaryDirectory(prefix="podscale-cal-") as tmp:
+        out = Path(tmp) / "out.json"
+        envs = [{"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "1", "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+                 "PODSCALE_CAL": json.dumps({"out": str(out), "tiny": sizes.tiny_layers})}]
+        _spawn([sys.executable, "-m", "scaling.throughput.measure", "--worker", "torch-xla-layers"], envs, timeout,
+               "torch_xla layers")
+        return json.loads(out.read_text())
+
+
 def reference_step(backend: str, n: int, sizes: Sizes) -> float:
     """Step of the tiny reference model through the real backend at N devices: the median over
     ``sizes.ref_runs`` separate runs of each run's median step. On 2 shared cores the median step
@@ -199,6 +210,10 @@ def calibrate(backends: list[str], device_counts: list[int], sizes: Sizes = QUIC
     if "xla-cpu" in fams and not layers.get("jax"):
         log("layer and optimizer costs, XLA-CPU, one device")
         layers["jax"] = {"framework_version": framework_version("jax"), "method": layer_rates.METHOD["jax"], **measure_xla_layers(sizes)}
+    if "torch-xla" in backends and not layers.get("torch_xla"):
+        log("layer and optimizer costs, torch_xla, one XLA-CPU device")
+        layers["torch_xla"] = {"framework_version": framework_version("torch_xla"), "method": layer_rates.METHOD["torch_xla"],
+                               **measure_torch_xla_layers(sizes)}
     for fam in sorted(fams):
         colls = data["collectives"].setdefault(fam, {})
         for n in device_counts:
@@ -254,7 +269,7 @@ def ensure(backends: list[str], device_counts: list[int], quick: bool = True, lo
     colls = cal.get("collectives", {})
     missing_b = [b for b in backends if not all(str(n) in cal.get("backends", {}).get(b, {}).get("per_n", {}) for n in device_counts)
                  or not all(_probed(colls.get(FAMILIES[b][0], {}).get(str(n), {}), FAMILIES[b][0]) for n in device_counts)
-                 or not cal.get("gemm", {}).get(gemm_source(b)) or not cal.get("layers", {}).get(gemm_source(b))]
+                 or not cal.get("gemm", {}).get(gemm_source(b)) or not cal.get("layers", {}).get(layer_source(b))]
     if not missing_b:
         return cal
     return calibrate(missing_b, device_counts, QUICK if quick else FULL, log, existing=cal)
@@ -431,11 +446,16 @@ def _xla_worker() -> None:
 
 def _main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--worker", choices=("gloo", "xla", "xla-layers"), required=True)
+    ap.add_argument("--worker", choices=("gloo", "xla", "xla-layers", "torch-xla-layers"), required=True)
     args = ap.parse_args()
-    if args.worker == "xla-layers":
+    if args.worker in ("xla-layers", "torch-xla-layers"):
         spec = json.loads(os.environ["PODSCALE_CAL"])
-        Path(spec["out"]).write_text(json.dumps(layer_rates.jax_table(spec["tiny"])))
+        if args.worker == "xla-layers":
+            table = layer_rates.jax_table(spec["tiny"])
+        else:
+            from scaling.throughput.layer_rates_xla import torch_xla_table
+            table = torch_xla_table(spec["tiny"])
+        Path(spec["out"]).write_text(json.dumps(table))
         return
     _gloo_worker() if args.worker == "gloo" else _xla_worker()
 

@@ -1,0 +1,18 @@
+"""torch_xla's own layer table, measured for real on one XLA-CPU device (the calibration's worker
+process, as `podscale calibrate --backends torch-xla` runs it), and what a prediction reads it for."""
+
+from __future__ import annotations
+
+from scaling.throughput import calibration, layer_rates, measure
+from tests.test_host_step import check_real_table
+
+
+def test_the_tiny_torch_xla_table_is_measured_in_its_own_process() -> None:
+    tab = measure.measure_torch_xla_layers(measure.TINY)
+    check_real_table(tab, "torch_xla")
+    # torch_xla traces each layer every step: at the tiny grid's shapes a layer costs its tracing,
+    # tens of microseconds (35-135 here, whatever the FLOPs), where inside one jax program it pays
+    # none (a 16 x 64 dense: a few microseconds)
+    for kind in ("dense", "conv", "bmm", "layernorm", "softmax"):
+        assert min(p[-1] for p in tab[kind]) > 5e-6, kind
+    assert calibration.layer_source("torch-xla") == "torch_xla" and "torch_xla" in layer_rates.METHOD
