@@ -352,3 +352,32 @@ def test_n_devices_take_at_least_what_moving_their_bytes_takes(optimizer, bytes_
         t = host_step.layer_seconds(w, 16, cal["layers"]["torch"]) * 2.5
         assert host_step.contended_seconds([w], 16, cal["layers"]["torch"], None, 2.5,
                                            calibration.host_terms(cal, "torch-ddp", 4).stream_seconds, 0) == pytest.approx(t)
+
+
+def test_jax_sharded_pays_the_partitioners_cost_per_gradient_byte(monkeypatch):
+    """jax-sharded's jit step adds, to its communication, the calibrated cost per gradient byte of
+    XLA's partitioned program beyond the reference's bytes, for the run's optimizer; jax-pmap and
+    the shard_map step (PODSCALE_JAX_STEP) do not. An N between calibrated counts reads it as a
+    leaf's latency: the cores' share (N devices of XLA-CPU) taken out, the rest log-log in N."""
+    cal = calibration._empty()
+    cal["cores"] = 2
+    cal["gemm"] = {"jax": {"fp32": {"device": {"64": 1e9}}}}
+    cal["layers"] = {"jax": power_table()}
+    tax = {2: {"adam": 2e-9, "sgd": 1e-9}, 8: {"adam": 8e-9, "sgd": 4e-9}}  # the same per device
+    for n in (1, 2, 8):
+        cal["collectives"].setdefault("xla-cpu", {})[str(n)] = {
+            "points": [[1024, 1e-4], [1 << 24, 1e-2]], "alpha": 1e-4, "bw": 1.7e9, "gspmd": tax.get(n, {})}
+    for b in ("jax-pmap", "jax-sharded"):
+        cal["backends"][b] = {"ref_grad_bytes": 1156, "per_n": {str(n): {"overhead_s": 2e-3, "slowdown": 1.0 * n} for n in (1, 2, 8)}}
+    wl = estimate.workload(get_spec("mlp", d_in=256, hidden=1024, d_out=10))
+    beyond = wl.grad_bytes - 1156
+
+    def comm(backend: str, n: int, opt: str = "adam") -> float:
+        return estimate.predict_step(wl, "host-cpu", n, 16 * n, backend=backend, calibration=cal, optimizer=opt).comm_s
+
+    assert comm("jax-sharded", 2) - comm("jax-pmap", 2) == pytest.approx(2e-9 * beyond)
+    assert comm("jax-sharded", 2, "sgd") - comm("jax-pmap", 2, "sgd") == pytest.approx(1e-9 * beyond)
+    assert comm("jax-sharded", 4) - comm("jax-pmap", 4) == pytest.approx(4e-9 * beyond)  # 4 x 1e-9 a device
+    assert comm("jax-sharded", 1) == comm("jax-pmap", 1) == 0.0  # nothing partitioned
+    monkeypatch.setenv("PODSCALE_JAX_STEP", "shard_map")
+    assert comm("jax-sharded", 2) == pytest.approx(comm("jax-pmap", 2))

@@ -29,7 +29,7 @@ import json
 import math
 import os
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -169,6 +169,9 @@ class HostTerms:
     stream: tuple[tuple[float, float], ...] = ()
     """(bytes each device moves, seconds) of a memory-bound update on all N devices at once; empty:
     an older calibration (no memory floor)."""
+    gspmd: dict[str, float] = field(default_factory=dict)
+    """Seconds per gradient byte that jax-sharded's partitioned (jit) step costs beyond the same
+    step with its all-reduce stated, by optimizer (``partitioner``); empty: none at this N."""
 
     def stream_seconds(self, nbytes: float) -> float:
         """What N devices each moving ``nbytes`` at once take at least: log-log between the probe's
@@ -239,7 +242,8 @@ def host_terms(cal: dict[str, Any], backend: str, n: int, dtype: str = "float32"
             # memory probe (page faults into fresh buffers: 2.1 ms at 20 MiB, 1.8 at 40) are noise
             return HostTerms(o, 1.0, (), 0.0, float("inf"), ref_bytes, rates, False, layers)  # type: ignore[arg-type]
         return HostTerms(o, floor(fam, n, cores, s), tuple(pts), a, bw, ref_bytes, rates, False, layers,  # type: ignore[arg-type]
-                         float(coll.get(str(n), {}).get("leaf_s") or 0.0), tuple(stream_at(n)))
+                         float(coll.get(str(n), {}).get("leaf_s") or 0.0), tuple(stream_at(n)),
+                         dict(coll.get(str(n), {}).get("gspmd") or {}))
     # an N the calibration never ran: each term from the calibrated counts around it (log-log), or
     # from the nearest two beyond the range, with what is known about N devices on C cores taken out
     # first: ``contention`` is the slowdown the cores alone explain, and only the rest is interpolated
@@ -287,8 +291,13 @@ def host_terms(cal: dict[str, Any], backend: str, n: int, dtype: str = "float32"
     leaves = [m for m in multi if coll[str(m)].get("leaf_s")]
     leaf = contention(fam, n, cores) * loglog(leaves, [coll[str(m)]["leaf_s"] / contention(fam, m, cores) for m in leaves], n) \
         if leaves else 0.0
+    # the partitioner's cost per byte, optimizer by optimizer, as a leaf's: the cores' share out
+    taxed = [m for m in multi if coll[str(m)].get("gspmd")]
+    gspmd = {opt: contention(fam, n, cores) * loglog(taxed, [max(coll[str(m)]["gspmd"].get(opt, 0.0), 1e-15) / contention(fam, m, cores)
+                                                    for m in taxed], n)
+             for opt in coll[str(taxed[0])]["gspmd"]} if taxed else {}
     return HostTerms(o, floor(fam, n, cores, s), tuple(pts), a, bw, ref_bytes, rates, True, layers,  # type: ignore[arg-type]
-                     leaf, tuple(stream))
+                     leaf, tuple(stream), gspmd)
 
 
 def gloo_overhead(measured: dict[int, float], n: int, cores: int) -> float:

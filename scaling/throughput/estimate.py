@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
+from scaling.backends.jax_env import step_kind
 from scaling.errors import UsageError
 from scaling.throughput import catalog
 from scaling.throughput import host_step
@@ -285,6 +286,12 @@ def _predict_host(wl: Workload, hw: catalog.Hardware, n: int, global_batch: floa
     comm = terms.allreduce(wl.grad_bytes) - terms.allreduce(terms.ref_bytes)
     if wl.leaves:  # each tensor beyond the first pays the collective's latency, as the reference's did
         comm += terms.leaf_s * (wl.leaves - len(_ref_spec().param_shapes()))
+    if backend == "jax-sharded" and terms.gspmd and step_kind() == "jit":
+        # XLA's partitioned step pays for each gradient byte beyond its all-reduce (``partitioner``);
+        # an unknown optimizer is priced as the cheapest measured
+        opt = (optimizer if wl.works else wl.optimizer) or ""
+        per_byte = terms.gspmd.get(opt, min(terms.gspmd.values()))
+        comm += per_byte * max(0.0, wl.grad_bytes - terms.ref_bytes)
     comm = max(0.0, comm)
     step = terms.overhead + compute + comm
     flops = wl.train_flops_per_sample * global_batch

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from scaling.errors import RunFailed, UsageError
-from scaling.throughput import host, layer_rates
+from scaling.throughput import host, layer_rates, partitioner
 from scaling.throughput.layer_rates import time_calls as _time_calls
 from scaling.throughput.calibration import (FAMILIES, REF_MODEL_OPTS, VERSION, _empty, fit_alpha_beta, framework_version,
                                             gemm_source, layer_source, load, monotone, ref_grad_bytes, save)
@@ -228,7 +228,7 @@ def calibrate(backends: list[str], device_counts: list[int], sizes: Sizes = QUIC
             pts = monotone([(float(b), float(t)) for b, t in m["points"]])
             alpha, bw = fit_alpha_beta(pts)
             colls[str(n)] = {"points": pts, "alpha": alpha, "bw": bw, "slowdown": m["slowdown"], "stream": m.get("stream", []),
-                             "leaf_s": m.get("leaf_s", 0.0),
+                             "leaf_s": m.get("leaf_s", 0.0), "gspmd": m.get("gspmd", {}),
                              "ref_step_s": m.get("ref_step_s"), "framework_version": framework_version("torch" if fam == "gloo" else "jax")}
     for b in backends:
         fam, pkg = FAMILIES[b]
@@ -258,7 +258,7 @@ def calibrate(backends: list[str], device_counts: list[int], sizes: Sizes = QUIC
 
 def _probed(entry: dict[str, Any], family: str) -> bool:
     """Whether a collective entry holds every probe this version measures (an older one is measured again)."""
-    return "stream" in entry and (family == "gloo" or "leaf_s" in entry)
+    return "stream" in entry and (family == "gloo" or ("leaf_s" in entry and "gspmd" in entry))
 
 
 def ensure(backends: list[str], device_counts: list[int], quick: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -413,6 +413,7 @@ def _xla_worker() -> None:
     t_many = _time_calls(lambda: psum(small)[0].block_until_ready(), reps, 4)
     t_one = _time_calls(lambda: psum(whole).block_until_ready(), reps, 4)
     res["leaf_s"] = max(0.0, (t_many - t_one) / (LEAVES - 1))
+    res["gspmd"] = partitioner.tax_per_byte(reps)  # jax-sharded's partitioned step beyond the all-reduce
     # a reference DP step (mlp 16-16-1), used only when the jax backends are not installed
     d, h, o = REF_MODEL_OPTS["d_in"], REF_MODEL_OPTS["hidden"], REF_MODEL_OPTS["d_out"]
     rng = np.random.default_rng(0)
