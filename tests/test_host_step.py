@@ -381,3 +381,33 @@ def test_jax_sharded_pays_the_partitioners_cost_per_gradient_byte(monkeypatch):
     assert comm("jax-sharded", 1) == comm("jax-pmap", 1) == 0.0  # nothing partitioned
     monkeypatch.setenv("PODSCALE_JAX_STEP", "shard_map")
     assert comm("jax-sharded", 2) == pytest.approx(comm("jax-pmap", 2))
+
+
+def test_torch_xla_pays_what_its_spmd_step_grows_beyond_one_devices_growth():
+    """torch-xla's SPMD probe (one weight at two sizes, per optimizer, at each N): the part of its
+    step's growth with the weight's bytes that one device's growth, slowed by the N-device
+    contention, does not explain is priced per gradient byte beyond the reference's; N = 1 pays
+    nothing, and an N between calibrated counts reads it with the cores' share out."""
+    cal = calibration._empty()
+    cal["cores"] = 2
+    cal["gemm"] = {"jax": {"fp32": {"device": {"64": 1e9}}}}
+    cal["layers"] = {"torch_xla": power_table()}
+    mb = 1 << 20
+    probe = {1: {"adam": 1e-3, "sgd": 5e-4}, 2: {"adam": 5e-3, "sgd": 2e-3}, 8: {"adam": 3.2e-2, "sgd": 1.0e-2}}
+    slow = {1: 1.0, 2: 2.0, 8: 8.0}
+    cal["collectives"]["xla-cpu"] = {str(n): {"points": [[1024, 1e-4], [1 << 24, 1e-2]], "alpha": 1e-4, "bw": 1.7e9}
+                                     for n in (2, 8)}
+    cal["backends"]["torch-xla"] = {"ref_grad_bytes": 1156, "per_n": {
+        str(n): {"overhead_s": 4e-3, "slowdown": slow[n], "spmd": {"bytes": mb, **probe[n]}} for n in (1, 2, 8)}}
+    # the excess per byte: (grown at N - slowdown(N) x grown at 1) / bytes
+    assert calibration.host_terms(cal, "torch-xla", 2).gspmd == pytest.approx({"adam": 3e-3 / mb, "sgd": 1e-3 / mb})
+    assert calibration.host_terms(cal, "torch-xla", 8).gspmd == pytest.approx({"adam": 2.4e-2 / mb, "sgd": 6e-3 / mb})
+    assert calibration.host_terms(cal, "torch-xla", 1).gspmd == {}
+    # N = 4 from N = 2, 8: per device (÷ N) 1.5e-3 and 3e-3 a MiB for Adam, log-log in N, times 4
+    assert calibration.host_terms(cal, "torch-xla", 4).gspmd["adam"] == pytest.approx(4 * math.sqrt(1.5e-3 * 3e-3) / mb)
+    wl = estimate.workload(get_spec("mlp", d_in=256, hidden=1024, d_out=10))
+    with_tax = estimate.predict_step(wl, "host-cpu", 2, 32, backend="torch-xla", calibration=cal, optimizer="sgd").comm_s
+    for n in (1, 2, 8):
+        del cal["backends"]["torch-xla"]["per_n"][str(n)]["spmd"]
+    without = estimate.predict_step(wl, "host-cpu", 2, 32, backend="torch-xla", calibration=cal, optimizer="sgd").comm_s
+    assert with_tax - without == pytest.approx(1e-3 / mb * (wl.grad_bytes - 1156))

@@ -234,6 +234,19 @@ def host_terms(cal: dict[str, Any], backend: str, n: int, dtype: str = "float32"
     ref_bytes = float(b.get("ref_grad_bytes", 0))
     layers = cal.get("layers", {}).get(layer_source(backend)) or None
     cores = int(cal.get("cores") or host.host_cores())
+
+    def tax_at(m: int) -> dict[str, float]:
+        """The partitioned step's cost per gradient byte at m devices, by optimizer. jax-sharded: its
+        jit step less the shard_map one (``partitioner``). torch-xla: how much more its SPMD step
+        grows with a weight's bytes than one device's growth slowed by the cores' contention
+        (``layer_rates_xla.spmd_probe``)."""
+        if backend != "torch-xla":
+            return dict(coll.get(str(m), {}).get("gspmd") or {})
+        p, p1 = per_n[m].get("spmd"), per_n.get(1, {}).get("spmd")
+        if m < 2 or not p or not p1:
+            return {}
+        slow = floor(fam, m, cores, per_n[m]["slowdown"])
+        return {opt: max(0.0, p[opt] - slow * p1[opt]) / p["bytes"] for opt in ("adam", "sgd") if opt in p and opt in p1}
     if n in per_n:
         o, s, pts, a, bw = at(n)
         if n == 1:  # one device all-reduces nothing: no backend runs a collective at N = 1
@@ -242,8 +255,7 @@ def host_terms(cal: dict[str, Any], backend: str, n: int, dtype: str = "float32"
             # memory probe (page faults into fresh buffers: 2.1 ms at 20 MiB, 1.8 at 40) are noise
             return HostTerms(o, 1.0, (), 0.0, float("inf"), ref_bytes, rates, False, layers)  # type: ignore[arg-type]
         return HostTerms(o, floor(fam, n, cores, s), tuple(pts), a, bw, ref_bytes, rates, False, layers,  # type: ignore[arg-type]
-                         float(coll.get(str(n), {}).get("leaf_s") or 0.0), tuple(stream_at(n)),
-                         dict(coll.get(str(n), {}).get("gspmd") or {}))
+                         float(coll.get(str(n), {}).get("leaf_s") or 0.0), tuple(stream_at(n)), tax_at(n))
     # an N the calibration never ran: each term from the calibrated counts around it (log-log), or
     # from the nearest two beyond the range, with what is known about N devices on C cores taken out
     # first: ``contention`` is the slowdown the cores alone explain, and only the rest is interpolated
@@ -292,10 +304,10 @@ def host_terms(cal: dict[str, Any], backend: str, n: int, dtype: str = "float32"
     leaf = contention(fam, n, cores) * loglog(leaves, [coll[str(m)]["leaf_s"] / contention(fam, m, cores) for m in leaves], n) \
         if leaves else 0.0
     # the partitioner's cost per byte, optimizer by optimizer, as a leaf's: the cores' share out
-    taxed = [m for m in multi if coll[str(m)].get("gspmd")]
-    gspmd = {opt: contention(fam, n, cores) * loglog(taxed, [max(coll[str(m)]["gspmd"].get(opt, 0.0), 1e-15) / contention(fam, m, cores)
+    taxed = [m for m in ns if m >= 2 and tax_at(m)] if n >= 2 else []
+    gspmd = {opt: contention(fam, n, cores) * loglog(taxed, [max(tax_at(m).get(opt, 0.0), 1e-15) / contention(fam, m, cores)
                                                     for m in taxed], n)
-             for opt in coll[str(taxed[0])]["gspmd"]} if taxed else {}
+             for opt in tax_at(taxed[0])} if taxed else {}
     return HostTerms(o, floor(fam, n, cores, s), tuple(pts), a, bw, ref_bytes, rates, True, layers,  # type: ignore[arg-type]
                      leaf, tuple(stream), gspmd)
 

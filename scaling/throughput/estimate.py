@@ -286,9 +286,9 @@ def _predict_host(wl: Workload, hw: catalog.Hardware, n: int, global_batch: floa
     comm = terms.allreduce(wl.grad_bytes) - terms.allreduce(terms.ref_bytes)
     if wl.leaves:  # each tensor beyond the first pays the collective's latency, as the reference's did
         comm += terms.leaf_s * (wl.leaves - len(_ref_spec().param_shapes()))
-    if backend == "jax-sharded" and terms.gspmd and step_kind() == "jit":
-        # XLA's partitioned step pays for each gradient byte beyond its all-reduce (``partitioner``);
-        # an unknown optimizer is priced as the cheapest measured
+    if terms.gspmd and (backend == "torch-xla" or (backend == "jax-sharded" and step_kind() == "jit")):
+        # XLA's partitioned step pays for each gradient byte beyond its all-reduce (jax-sharded:
+        # ``partitioner``; torch-xla: its SPMD probe); an unknown optimizer: the cheapest measured
         opt = (optimizer if wl.works else wl.optimizer) or ""
         per_byte = terms.gspmd.get(opt, min(terms.gspmd.values()))
         comm += per_byte * max(0.0, wl.grad_bytes - terms.ref_bytes)

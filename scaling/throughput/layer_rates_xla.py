@@ -107,3 +107,45 @@ def torch_xla_table(tiny: bool = False) -> dict[str, Any]:
         for name, sec in updates([TENSORS_PARAMS // c] * c).items():
             out[f"{name}_tensors"].append((c, sec))
     return out
+
+
+#: the SPMD probe's two one-weight models (S x S, no bias) and samples per device
+SPMD_SIDES = (16, 512)
+SPMD_BATCH = 32
+
+
+def spmd_probe(reps: int = 5) -> dict[str, Any]:
+    """torch-xla's SPMD step of a one-weight linear model on all of this process's devices, at two
+    weight sizes, per optimizer: how its step grows with the gradient's bytes at this N. At N = 2
+    the mlp of width 1024 took 17.8 ms a step where one device took 5.1 and the reference mlp 3.9
+    at both: the growth with N is the partitioned program's, not the layers' (at N = 1 the layer
+    table prices it within 2-19%). ``calibration.host_terms`` compares it with N = 1's growth."""
+    import numpy as np
+    import torch
+    import torch_xla
+    import torch_xla.core.xla_model as xm
+    import torch_xla.distributed.spmd as xs
+    import torch_xla.runtime as xr
+
+    xr.use_spmd()
+    n = xr.global_runtime_device_count()
+    mesh = xs.Mesh(np.arange(n), (n,), ("data",))
+    dev = torch_xla.device()
+    out: dict[str, Any] = {"bytes": 4 * (SPMD_SIDES[1] ** 2 - SPMD_SIDES[0] ** 2)}
+    for name in ("adam", "sgd"):
+        got = []
+        for side in SPMD_SIDES:
+            lin = torch.nn.Linear(side, side, bias=False).to(dev)
+            opt = torch.optim.Adam(lin.parameters(), lr=1e-6) if name == "adam" else torch.optim.SGD(lin.parameters(), lr=1e-6)
+            x = torch.ones(SPMD_BATCH * n, side).to(dev)
+            xs.mark_sharding(x, mesh, ("data", None))
+
+            def step(lin: Any = lin, opt: Any = opt, x: Any = x) -> None:
+                (lin(x) ** 2).mean().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                torch_xla.sync()
+
+            got.append(timed(step, drain=xm.wait_device_ops, reps=reps))
+        out[name] = got[1] - got[0]
+    return out

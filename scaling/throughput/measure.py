@@ -158,6 +158,17 @@ def measure_torch_xla_layers(sizes: Sizes, timeout: float = 900.0) -> dict[str, 
         return json.loads(out.read_text())
 
 
+def measure_torch_xla_spmd(n: int, timeout: float = 600.0) -> dict[str, Any]:
+    """torch-xla's SPMD step of two one-weight models on N XLA-CPU devices (``layer_rates_xla.spmd_probe``)."""
+    with tempfile.TemporaryDirectory(prefix="podscale-cal-") as tmp:
+        out = Path(tmp) / "out.json"
+        envs = [{"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(n), "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+                 "PODSCALE_CAL": json.dumps({"out": str(out)})}]
+        _spawn([sys.executable, "-m", "scaling.throughput.measure", "--worker", "torch-xla-spmd"], envs, timeout,
+               f"torch_xla SPMD at N={n}")
+        return json.loads(out.read_text())
+
+
 def reference_step(backend: str, n: int, sizes: Sizes) -> float:
     """Step of the tiny reference model through the real backend at N devices: the median over
     ``sizes.ref_runs`` separate runs of each run's median step. On 2 shared cores the median step
@@ -239,7 +250,11 @@ def calibrate(backends: list[str], device_counts: list[int], sizes: Sizes = QUIC
         entry.update({"framework_version": framework_version(pkg), "collective": fam, "ref_grad_bytes": ref_grad_bytes(),
                       "ref_model": {"model": "mlp", **REF_MODEL_OPTS}})
         for n in device_counts:
-            if str(n) in entry["per_n"]:
+            if str(n) in entry["per_n"] and _spmd_probed(b, entry["per_n"][str(n)]):
+                continue
+            if b == "torch-xla" and str(n) in entry["per_n"]:  # an older calibration: the SPMD probe alone
+                log(f"{b}: SPMD step of one weight, two sizes, at N={n}")
+                entry["per_n"][str(n)]["spmd"] = measure_torch_xla_spmd(n)
                 continue
             log(f"{b}: reference step (mlp 16-16-1) at N={n}")
             try:
@@ -251,9 +266,17 @@ def calibrate(backends: list[str], device_counts: list[int], sizes: Sizes = QUIC
                 step, source = coll["ref_step_s"], "reference jax step (backend unavailable)"
             entry["per_n"][str(n)] = {"overhead_s": step, "slowdown": data["collectives"][fam][str(n)]["slowdown"],
                                       "overhead_source": source}
+            if b == "torch-xla":
+                log(f"{b}: SPMD step of one weight, two sizes, at N={n}")
+                entry["per_n"][str(n)]["spmd"] = measure_torch_xla_spmd(n)
     data["measured_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     save(data)
     return data
+
+
+def _spmd_probed(backend: str, entry: dict[str, Any]) -> bool:
+    """Whether a backend's entry at N holds its SPMD probe (torch-xla's; other backends have none)."""
+    return backend != "torch-xla" or "spmd" in entry
 
 
 def _probed(entry: dict[str, Any], family: str) -> bool:
@@ -267,7 +290,8 @@ def ensure(backends: list[str], device_counts: list[int], quick: bool = True, lo
     # backends this environment cannot run (torch-xla from the main venv) are calibrated by their own venv
     backends = [b for b in backends if b in FAMILIES and importlib.util.find_spec(FAMILIES[b][1]) is not None]
     colls = cal.get("collectives", {})
-    missing_b = [b for b in backends if not all(str(n) in cal.get("backends", {}).get(b, {}).get("per_n", {}) for n in device_counts)
+    missing_b = [b for b in backends if not all(_spmd_probed(b, cal.get("backends", {}).get(b, {}).get("per_n", {}).get(str(n), {}))
+                                                and str(n) in cal.get("backends", {}).get(b, {}).get("per_n", {}) for n in device_counts)
                  or not all(_probed(colls.get(FAMILIES[b][0], {}).get(str(n), {}), FAMILIES[b][0]) for n in device_counts)
                  or not cal.get("gemm", {}).get(gemm_source(b)) or not cal.get("layers", {}).get(layer_source(b))]
     if not missing_b:
@@ -447,15 +471,15 @@ def _xla_worker() -> None:
 
 def _main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--worker", choices=("gloo", "xla", "xla-layers", "torch-xla-layers"), required=True)
+    ap.add_argument("--worker", choices=("gloo", "xla", "xla-layers", "torch-xla-layers", "torch-xla-spmd"), required=True)
     args = ap.parse_args()
-    if args.worker in ("xla-layers", "torch-xla-layers"):
+    if args.worker in ("xla-layers", "torch-xla-layers", "torch-xla-spmd"):
         spec = json.loads(os.environ["PODSCALE_CAL"])
         if args.worker == "xla-layers":
             table = layer_rates.jax_table(spec["tiny"])
         else:
-            from scaling.throughput.layer_rates_xla import torch_xla_table
-            table = torch_xla_table(spec["tiny"])
+            from scaling.throughput import layer_rates_xla
+            table = layer_rates_xla.spmd_probe() if args.worker == "torch-xla-spmd" else layer_rates_xla.torch_xla_table(spec["tiny"])
         Path(spec["out"]).write_text(json.dumps(table))
         return
     _gloo_worker() if args.worker == "gloo" else _xla_worker()
