@@ -147,26 +147,24 @@ def measure_xla_layers(sizes: Sizes, timeout: float = 600.0) -> dict[str, Any]:
         return json.loads(out.read_text())
 
 
-def measure_torch_xla_layers(sizes: Sizes, timeout: float = 900.0) -> dict[str, Any]:
-    """torch_xla's own layer table (``layer_rates_xla``) on one XLA-CPU device, in its own process."""
+def _torch_xla_worker(worker: str, devices: int, spec: dict[str, Any], timeout: float, what: str) -> dict[str, Any]:
+    """One torch_xla calibration worker on ``devices`` XLA-CPU devices, in its own process."""
     with tempfile.TemporaryDirectory(prefix="podscale-cal-") as tmp:
         out = Path(tmp) / "out.json"
-        envs = [{"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "1", "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
-                 "PODSCALE_CAL": json.dumps({"out": str(out), "tiny": sizes.tiny_layers})}]
-        _spawn([sys.executable, "-m", "scaling.throughput.measure", "--worker", "torch-xla-layers"], envs, timeout,
-               "torch_xla layers")
+        envs = [{"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(devices), "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+                 "PODSCALE_CAL": json.dumps({"out": str(out), **spec})}]
+        _spawn([sys.executable, "-m", "scaling.throughput.measure", "--worker", worker], envs, timeout, what)
         return json.loads(out.read_text())
+
+
+def measure_torch_xla_layers(sizes: Sizes, timeout: float = 900.0) -> dict[str, Any]:
+    """torch_xla's own layer table (``layer_rates_xla``) on one XLA-CPU device."""
+    return _torch_xla_worker("torch-xla-layers", 1, {"tiny": sizes.tiny_layers}, timeout, "torch_xla layers")
 
 
 def measure_torch_xla_spmd(n: int, timeout: float = 600.0) -> dict[str, Any]:
     """torch-xla's SPMD step of two one-weight models on N XLA-CPU devices (``layer_rates_xla.spmd_probe``)."""
-    with tempfile.TemporaryDirectory(prefix="podscale-cal-") as tmp:
-        out = Path(tmp) / "out.json"
-        envs = [{"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(n), "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
-                 "PODSCALE_CAL": json.dumps({"out": str(out)})}]
-        _spawn([sys.executable, "-m", "scaling.throughput.measure", "--worker", "torch-xla-spmd"], envs, timeout,
-               f"torch_xla SPMD at N={n}")
-        return json.loads(out.read_text())
+    return _torch_xla_worker("torch-xla-spmd", n, {}, timeout, f"torch_xla SPMD at N={n}")
 
 
 def reference_step(backend: str, n: int, sizes: Sizes) -> float:
@@ -250,28 +248,28 @@ def calibrate(backends: list[str], device_counts: list[int], sizes: Sizes = QUIC
         entry.update({"framework_version": framework_version(pkg), "collective": fam, "ref_grad_bytes": ref_grad_bytes(),
                       "ref_model": {"model": "mlp", **REF_MODEL_OPTS}})
         for n in device_counts:
-            if str(n) in entry["per_n"] and _spmd_probed(b, entry["per_n"][str(n)]):
-                continue
-            if b == "torch-xla" and str(n) in entry["per_n"]:  # an older calibration: the SPMD probe alone
-                log(f"{b}: SPMD step of one weight, two sizes, at N={n}")
-                entry["per_n"][str(n)]["spmd"] = measure_torch_xla_spmd(n)
-                continue
-            log(f"{b}: reference step (mlp 16-16-1) at N={n}")
-            try:
-                step, source = reference_step(b, n, sizes), "podscale run (the real backend)"
-            except (ImportError, UsageError) as e:
-                coll = data["collectives"][fam][str(n)]
-                if not coll.get("ref_step_s"):
-                    raise UsageError(f"cannot calibrate {b}: {e}") from None
-                step, source = coll["ref_step_s"], "reference jax step (backend unavailable)"
-            entry["per_n"][str(n)] = {"overhead_s": step, "slowdown": data["collectives"][fam][str(n)]["slowdown"],
-                                      "overhead_source": source}
-            if b == "torch-xla":
+            if str(n) not in entry["per_n"]:
+                entry["per_n"][str(n)] = _reference_entry(b, n, sizes, data, log)
+            if not _spmd_probed(b, entry["per_n"][str(n)]):  # torch-xla's, also where an older calibration lacks it
                 log(f"{b}: SPMD step of one weight, two sizes, at N={n}")
                 entry["per_n"][str(n)]["spmd"] = measure_torch_xla_spmd(n)
     data["measured_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     save(data)
     return data
+
+
+def _reference_entry(b: str, n: int, sizes: Sizes, data: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """A backend's calibration at N: its reference step (the overhead) and the family's slowdown."""
+    fam = FAMILIES[b][0]
+    log(f"{b}: reference step (mlp 16-16-1) at N={n}")
+    try:
+        step, source = reference_step(b, n, sizes), "podscale run (the real backend)"
+    except (ImportError, UsageError) as e:
+        coll = data["collectives"][fam][str(n)]
+        if not coll.get("ref_step_s"):
+            raise UsageError(f"cannot calibrate {b}: {e}") from None
+        step, source = coll["ref_step_s"], "reference jax step (backend unavailable)"
+    return {"overhead_s": step, "slowdown": data["collectives"][fam][str(n)]["slowdown"], "overhead_source": source}
 
 
 def _spmd_probed(backend: str, entry: dict[str, Any]) -> bool:
@@ -290,8 +288,8 @@ def ensure(backends: list[str], device_counts: list[int], quick: bool = True, lo
     # backends this environment cannot run (torch-xla from the main venv) are calibrated by their own venv
     backends = [b for b in backends if b in FAMILIES and importlib.util.find_spec(FAMILIES[b][1]) is not None]
     colls = cal.get("collectives", {})
-    missing_b = [b for b in backends if not all(_spmd_probed(b, cal.get("backends", {}).get(b, {}).get("per_n", {}).get(str(n), {}))
-                                                and str(n) in cal.get("backends", {}).get(b, {}).get("per_n", {}) for n in device_counts)
+    per_n = {b: cal.get("backends", {}).get(b, {}).get("per_n", {}) for b in backends}
+    missing_b = [b for b in backends if not all(str(n) in per_n[b] and _spmd_probed(b, per_n[b][str(n)]) for n in device_counts)
                  or not all(_probed(colls.get(FAMILIES[b][0], {}).get(str(n), {}), FAMILIES[b][0]) for n in device_counts)
                  or not cal.get("gemm", {}).get(gemm_source(b)) or not cal.get("layers", {}).get(layer_source(b))]
     if not missing_b:
