@@ -159,6 +159,8 @@ def test_real_xla_cpu_collectives():
     assert set(m["gemm"]["fp32"]["device"]) == {str(s) for s in measure.TINY.gemm}
     assert [b for b, _ in m["stream"]] == [20 * e for e in measure.TINY.stream] and all(t > 0 for _, t in m["stream"])
     assert m["leaf_s"] > 0  # two devices: sixteen small leaves take longer than one array of their bytes
+    # jax-sharded's partitioner cost per gradient byte, per optimizer, for strided and plain weights
+    assert set(m["gspmd"]) == {"adam", "sgd", "adam:plain", "sgd:plain"} and all(v >= 0 for v in m["gspmd"].values())
 
 
 @pytest.mark.parametrize("backend, family", [("torch-ddp", "gloo"), ("jax-sharded", "xla-cpu")])

@@ -383,6 +383,39 @@ def test_jax_sharded_pays_the_partitioners_cost_per_gradient_byte(monkeypatch):
     assert comm("jax-sharded", 2) == pytest.approx(comm("jax-pmap", 2))
 
 
+def test_jax_sharded_prices_strided_and_plain_weights_each_at_its_rate():
+    """A matmul weight whose fan-in is a multiple of 128 floats pays the strided probe's rate, every
+    other gradient byte the plain probe's (less the reference's bytes); a calibration without the
+    plain rate (an older one) prices every byte at the one rate it has."""
+    cal = calibration._empty()
+    cal["cores"] = 2
+    cal["gemm"] = {"jax": {"fp32": {"device": {"64": 1e9}}}}
+    cal["layers"] = {"jax": power_table()}
+    tax = {"adam": 4e-9, "sgd": 2e-9, "adam:plain": 1e-9, "sgd:plain": 5e-10}
+    cal["collectives"]["xla-cpu"] = {str(n): {"points": [[1024, 1e-4], [1 << 24, 1e-2]], "alpha": 1e-4, "bw": 1.7e9,
+                                              "gspmd": tax if n > 1 else {}} for n in (1, 2)}
+    for b in ("jax-pmap", "jax-sharded"):
+        cal["backends"][b] = {"ref_grad_bytes": 1156, "per_n": {str(n): {"overhead_s": 2e-3, "slowdown": 1.0 * n} for n in (1, 2)}}
+
+    def extra(spec, opt="adam", c=cal):
+        wl = estimate.workload(spec)
+        return (estimate.predict_step(wl, "host-cpu", 2, 32, backend="jax-sharded", calibration=c, optimizer=opt).comm_s
+                - estimate.predict_step(wl, "host-cpu", 2, 32, backend="jax-pmap", calibration=c, optimizer=opt).comm_s)
+
+    # by hand: mlp 1000-1024-10: w1 (1000, 1024) plain, w2 (1024, 10) strided, biases plain
+    w2 = 1024 * 10 * 4
+    rest = (1000 * 1024 + 1024 + 10) * 4
+    assert extra(get_spec("mlp", d_in=1000, hidden=1024, d_out=10)) == pytest.approx(4e-9 * w2 + 1e-9 * (rest - 1156))
+    assert extra(get_spec("mlp", d_in=1000, hidden=1024, d_out=10), "sgd") == pytest.approx(2e-9 * w2 + 5e-10 * (rest - 1156))
+    # mlp 1024-1000-10: the big weight is the strided one now, and pays four times as much
+    w1 = 1024 * 1000 * 4
+    assert extra(get_spec("mlp", d_in=1024, hidden=1000, d_out=10)) == pytest.approx(
+        4e-9 * w1 + 1e-9 * ((1000 * 10 + 1000 + 10) * 4 - 1156))
+    for e in cal["collectives"]["xla-cpu"].values():
+        e["gspmd"] = {k: v for k, v in e["gspmd"].items() if ":" not in k}
+    assert extra(get_spec("mlp", d_in=1000, hidden=1024, d_out=10)) == pytest.approx(4e-9 * (w2 + rest - 1156))
+
+
 def test_torch_xla_pays_what_its_spmd_step_grows_beyond_one_devices_growth():
     """torch-xla's SPMD probe (one weight at two sizes, per optimizer, at each N): the part of its
     step's growth with the weight's bytes that one device's growth, slowed by the N-device

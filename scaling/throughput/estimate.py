@@ -32,7 +32,7 @@ from typing import Any, Sequence
 from scaling.backends.jax_env import step_kind
 from scaling.errors import UsageError
 from scaling.throughput import catalog
-from scaling.throughput import host_step
+from scaling.throughput import host_step, partitioner
 from scaling.throughput.calibration import REF_MODEL_OPTS, has_backend, host_peak, host_terms
 from scaling.throughput.calibration import load as load_calibration
 from scaling.throughput import compute
@@ -70,6 +70,9 @@ class Workload:
     """A measured run's forward op by op as layers (``host_step.recorded_works``): the host prices
     them from its layer table as it prices a spec's ``works``. Host-only: the ops a CPU step ran are
     not the kernels a GPU would, so the catalog's roofline keeps to the FLOPs."""
+    strided_grad_bytes: int | None = None
+    """Gradient bytes of the matmul weights whose fan-in XLA's partitioned step reads at the strided
+    rate (``partitioner.strided``); None: unknown (a recorded run), every byte priced so."""
 
     def roofline_works(self) -> tuple[LayerWork, ...]:
         return self.works or flops_only_works(self.train_flops_per_sample, self.params)
@@ -113,7 +116,8 @@ def workload(model: Any, **opts: Any) -> Workload:
     works = layer_works(costs, math.prod(model.input_shape))
     return Workload(name or model.name, model.param_count, float(model.train_flops_per_sample), model.grad_bytes(), layers,
                     works=works, activations_per_sample=float(model.activations_per_sample),
-                    leaves=len(model.param_shapes()))
+                    leaves=len(model.param_shapes()),
+                    strided_grad_bytes=partitioner.strided_bytes(list(model.param_shapes().values())))
 
 
 # ---- estimates ------------------------------------------------------------------------------
@@ -288,10 +292,15 @@ def _predict_host(wl: Workload, hw: catalog.Hardware, n: int, global_batch: floa
         comm += terms.leaf_s * (wl.leaves - len(_ref_spec().param_shapes()))
     if terms.gspmd and (backend == "torch-xla" or (backend == "jax-sharded" and step_kind() == "jit")):
         # XLA's partitioned step pays for each gradient byte beyond its all-reduce (jax-sharded:
-        # ``partitioner``; torch-xla: its SPMD probe); an unknown optimizer: the cheapest measured
+        # ``partitioner``, strided and plain weights each at their rate; torch-xla: its SPMD probe,
+        # one rate); an unknown optimizer: the cheapest measured. The reference's bytes are plain.
         opt = (optimizer if wl.works else wl.optimizer) or ""
-        per_byte = terms.gspmd.get(opt, min(terms.gspmd.values()))
-        comm += per_byte * max(0.0, wl.grad_bytes - terms.ref_bytes)
+        rates = {k: v for k, v in terms.gspmd.items() if not k.endswith(partitioner.PLAIN)}
+        plains = {k[:-len(partitioner.PLAIN)]: v for k, v in terms.gspmd.items() if k.endswith(partitioner.PLAIN)}
+        per_byte = rates.get(opt, min(rates.values()))
+        plain = plains.get(opt, min(plains.values())) if plains else per_byte  # an older calibration: one rate
+        strided = wl.grad_bytes if wl.strided_grad_bytes is None else wl.strided_grad_bytes
+        comm += per_byte * strided + plain * max(0.0, wl.grad_bytes - strided - terms.ref_bytes)
     comm = max(0.0, comm)
     step = terms.overhead + compute + comm
     flops = wl.train_flops_per_sample * global_batch

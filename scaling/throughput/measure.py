@@ -279,7 +279,9 @@ def _spmd_probed(backend: str, entry: dict[str, Any]) -> bool:
 
 def _probed(entry: dict[str, Any], family: str) -> bool:
     """Whether a collective entry holds every probe this version measures (an older one is measured again)."""
-    return "stream" in entry and (family == "gloo" or ("leaf_s" in entry and "gspmd" in entry))
+    gspmd = entry.get("gspmd")
+    return "stream" in entry and (family == "gloo" or ("leaf_s" in entry and gspmd is not None
+                                                       and (not gspmd or "adam" + partitioner.PLAIN in gspmd)))
 
 
 def ensure(backends: list[str], device_counts: list[int], quick: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
