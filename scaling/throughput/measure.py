@@ -315,14 +315,17 @@ def _gloo_worker() -> None:
     a = torch.randn(256, 256)
     for _ in range(3):
         a @ a
-    dist.barrier()
-    alone = 0.0
-    if rank == 0:
-        alone = _time_calls(lambda: a @ a, reps, 8)
-    dist.barrier()
-    t_all = torch.tensor([_time_calls(lambda: a @ a, reps, 8)])
-    dist.all_reduce(t_all)
-    together = float(t_all) / world
+    # twice, interleaved, the faster of each: one timing of either read 1.0 and 1.8 at N = 2 in two
+    # calibrations of the same idle machine
+    alone, together = float("inf"), float("inf")
+    for _ in range(2):
+        dist.barrier()
+        if rank == 0:
+            alone = min(alone, _time_calls(lambda: a @ a, reps, 8))
+        dist.barrier()
+        t_all = torch.tensor([_time_calls(lambda: a @ a, reps, 8)])
+        dist.all_reduce(t_all)
+        together = min(together, float(t_all) / world)
     stream = []
     for e in spec.get("stream", []):
         p, m, g = torch.ones(e), torch.ones(e), torch.ones(e)
@@ -393,7 +396,6 @@ def _xla_worker() -> None:
     one = jax.pmap(gemms, devices=devs[:1])
     x1 = jnp.ones((1, 256, 256), jnp.float32)
     one(x1).block_until_ready()
-    alone = _time_calls(lambda: one(x1).block_until_ready(), reps, 8)
     pm = jax.pmap(gemms)
     # inputs already on their devices, as a step's parameters and state are: an (N, ...) array on
     # device 0 is split and copied to the N devices on every call (the memory probe below came out
@@ -401,6 +403,9 @@ def _xla_worker() -> None:
     put = jax.pmap(lambda v: v)
     xs = put(jnp.ones((n, 256, 256), jnp.float32))
     pm(xs).block_until_ready()
+    # (2.0 and 1.5 at N = 2 in two calibrations of the same idle machine, and 1.5 and 1.9 with the
+    # faster of two interleaved timings each: the spread is the process's, not one timing's)
+    alone = _time_calls(lambda: one(x1).block_until_ready(), reps, 8)
     together = _time_calls(lambda: pm(xs).block_until_ready(), reps, 8)
     res["slowdown"] = max(1.0, together / alone)
     # memory-bound work of N devices at once: a momentum update on every device, into fresh buffers
