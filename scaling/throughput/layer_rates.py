@@ -92,6 +92,20 @@ def timed(fn: Callable[[], Any], budget_s: float = 0.08, reps: int = 5, drain: C
     return time_calls(fn, reps, max(1, min(200, int(budget_s / one))), drain)
 
 
+def optimizer_curves(out: dict[str, Any], updates: Callable[[list[int]], dict[str, float]], params: tuple[int, ...],
+                     tensors: tuple[int, ...], arrays: int) -> None:
+    """Fill ``out``'s optimizer curves from ``updates(sizes) -> {optimizer: seconds}``: each of
+    ``params`` parameters split into ``arrays`` equal arrays, then TENSORS_PARAMS parameters split
+    into each of ``tensors`` counts of arrays (what one more array adds to an update)."""
+    for p in params:
+        each = max(1, p // arrays)
+        for name, t in updates([each] * arrays).items():
+            out[name].append((arrays * each, t))
+    for c in tensors:
+        for name, t in updates([TENSORS_PARAMS // c] * c).items():
+            out[f"{name}_tensors"].append((c, t))
+
+
 # ---- torch (eager, one thread) --------------------------------------------------------------------
 
 
@@ -160,15 +174,10 @@ def torch_table(tiny: bool = False) -> dict[str, Any]:
             return {name: timed(opt.step) for name, opt in (("adam", torch.optim.Adam(ps, lr=1e-6)),
                                                              ("sgd", torch.optim.SGD(ps, lr=1e-6)))}
 
-        for p in g["params"]:
-            for name, t in updates([max(1, p // 4)] * 4).items():
-                out[name].append((4 * max(1, p // 4), t))
         # what each tensor adds: torch's CPU optimizers step tensor by tensor (Adam ~10 kernels
         # each: ~22 us a tensor here, so ResNet-18's 62 tensors cost 1.3 ms more than 4 of the
         # same parameters)
-        for c in TENSORS["torch"]:
-            for name, t in updates([TENSORS_PARAMS // c] * c).items():
-                out[f"{name}_tensors"].append((c, t))
+        optimizer_curves(out, updates, g["params"], TENSORS["torch"], 4)
         return out
     finally:
         torch.set_num_threads(old)
@@ -278,10 +287,5 @@ def jax_table(tiny: bool = False) -> dict[str, Any]:
             got[name] = max(timed(lambda: jax.block_until_ready(f1(params, state, grads))) - t0, 1e-7)
         return got
 
-    for p in g["params"]:
-        for name, t in updates([max(1, p)]).items():
-            out[name].append((max(1, p), t))
-    for c in TENSORS["jax"]:  # the same parameters in c arrays: what each array adds to the update
-        for name, t in updates([TENSORS_PARAMS // c] * c).items():
-            out[f"{name}_tensors"].append((c, t))
+    optimizer_curves(out, updates, g["params"], TENSORS["jax"], 1)
     return out

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from scaling.throughput.layer_rates import CONV_BATCH, TENSORS, TENSORS_PARAMS, grids, softmax_shape, timed
+from scaling.throughput.layer_rates import CONV_BATCH, TENSORS, grids, optimizer_curves, softmax_shape, timed
 
 
 def torch_xla_table(tiny: bool = False) -> dict[str, Any]:
@@ -100,12 +100,7 @@ def torch_xla_table(tiny: bool = False) -> dict[str, Any]:
             got[name] = max(timed(step, drain=xm.wait_device_ops) - t0, 1e-7)
         return got
 
-    for p in g["params"]:
-        for name, sec in updates([max(1, p // 4)] * 4).items():
-            out[name].append((4 * max(1, p // 4), sec))
-    for c in TENSORS["torch_xla"]:
-        for name, sec in updates([TENSORS_PARAMS // c] * c).items():
-            out[f"{name}_tensors"].append((c, sec))
+    optimizer_curves(out, updates, g["params"], TENSORS["torch_xla"], 4)
     return out
 
 
