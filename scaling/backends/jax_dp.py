@@ -20,7 +20,7 @@ from typing import Any
 
 from models import flax as mflax
 from scaling.config import RunConfig
-from scaling.backends.jax_env import step_kind
+from scaling.backends.jax_env import cpu_malloc_env, step_kind
 from scaling.errors import UsageError
 
 NAMES = ("jax-pmap", "jax-sharded")
@@ -66,7 +66,8 @@ def validate(cfg: RunConfig) -> None:
 
 
 def layout(cfg: RunConfig) -> list[dict[str, str]]:
-    """One env per process. CPU: N/P emulated devices each, one thread per device."""
+    """One env per process. CPU: N/P emulated devices each, one thread per device, and glibc's
+    malloc set so that XLA's per-step temporaries do not fault in afresh (``jax_env.MALLOC_TUNABLES``)."""
     procs = cfg.processes or 1
     per = cfg.devices // procs
     acc = accelerator()
@@ -76,7 +77,7 @@ def layout(cfg: RunConfig) -> list[dict[str, str]]:
         return [{}]
     flags = _COUNT_FLAG.sub("", os.environ.get("XLA_FLAGS", ""))
     flags = " ".join(f"{flags} --xla_force_host_platform_device_count={per} {CPU_THREAD_FLAGS}".split())
-    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags, "OMP_NUM_THREADS": "1"}
+    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags, "OMP_NUM_THREADS": "1", **cpu_malloc_env()}
     return [dict(env) for _ in range(procs)]
 
 

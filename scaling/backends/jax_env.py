@@ -12,6 +12,23 @@ from typing import Any
 from scaling.errors import UsageError
 
 
+#: glibc malloc for a JAX process on CPU: allocations from the heap (no mmap), the heap never
+#: trimmed. XLA-CPU allocates a program's temporaries afresh for each execution; past glibc's mmap
+#: ceiling (32 MiB) that is an mmap per step, and every page of it faults anew: gpt-tiny (2 layers,
+#: 16 samples a device: 35 MiB of temporaries) took 9,300 minor faults a step here, and jax-sharded
+#: at N = 4 ran 28% slower (``bench/allocator.py``). Limits: a thread's own arena holds at most
+#: 64 MiB in one piece, so larger temporaries still fault (one arena for all threads,
+#: ``arena_max=1``, would hold them, but cost jax-pmap's mlp 8% at N = 8); torch's CPU runs and
+#: torch_xla's gained nothing, so they keep glibc's defaults.
+MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296"
+
+
+def cpu_malloc_env() -> dict[str, str]:
+    """``GLIBC_TUNABLES`` for a fresh JAX CPU process (glibc reads it when the process starts, so
+    it cannot be set from inside one); a user's own ``GLIBC_TUNABLES`` wins, whole."""
+    return {} if "GLIBC_TUNABLES" in os.environ else {"GLIBC_TUNABLES": MALLOC_TUNABLES}
+
+
 def step_kind() -> str:
     """jax-sharded's step: ``jit`` (XLA partitions the global step; default) or ``shard_map``
     (the per-device step with explicit collectives), chosen by ``PODSCALE_JAX_STEP``."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from scaling.backends.jax_env import cpu_malloc_env
 from scaling.errors import RunFailed, UsageError
 from scaling.throughput import host, layer_rates, partitioner
 from scaling.throughput.layer_rates import time_calls as _time_calls
@@ -131,7 +132,7 @@ def measure_xla(n: int, sizes: Sizes, gemm_table: bool, timeout: float = 240.0) 
         spec = json.dumps({"messages": sizes.messages, "reps": sizes.reps, "out": str(out), "stream": sizes.stream,
                            "gemm": list(sizes.gemm) if gemm_table else []})
         flags = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
-        envs = [{"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "PODSCALE_CAL": spec}]
+        envs = [{"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "PODSCALE_CAL": spec, **cpu_malloc_env()}]
         _spawn([sys.executable, "-m", "scaling.throughput.measure", "--worker", "xla"], envs, timeout, f"XLA-CPU at N={n}")
         return json.loads(out.read_text())
 
@@ -142,7 +143,7 @@ def measure_xla_layers(sizes: Sizes, timeout: float = 600.0) -> dict[str, Any]:
         out = Path(tmp) / "out.json"
         spec = json.dumps({"out": str(out), "tiny": sizes.tiny_layers})
         flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1").strip()
-        envs = [{"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "PODSCALE_CAL": spec}]
+        envs = [{"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "PODSCALE_CAL": spec, **cpu_malloc_env()}]
         _spawn([sys.executable, "-m", "scaling.throughput.measure", "--worker", "xla-layers"], envs, timeout, "XLA-CPU layers")
         return json.loads(out.read_text())
 
