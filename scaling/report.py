@@ -69,7 +69,8 @@ def summary_table(r: dict[str, Any]) -> Table:
         for label, mk, pk in (("  data", "data_s", None), ("  compute", "compute_s", "compute_s"),
                               ("  comm (exposed)", "comm_exposed_s", "comm_exposed_s"),
                               ("  unattributed / overhead", "unattributed_s", "overhead_s")):
-            t.add_row(label, _ms(m.get(mk)) if m else "n/a", _ms(p.get(pk)) if pk and p else "")
+            flagged = mk == "unattributed_s" and m and b.get("flag")
+            t.add_row(label, (_ms(m.get(mk)) + (" (!)" if flagged else "")) if m else "n/a", _ms(p.get(pk)) if pk and p else "")
     t.add_row("global batch / per device", f"{r['global_batch']} / {r['per_device_batch']}", "")
     t.add_row("final loss", f"{r['losses'][-1]:.6g}", "")
     t.add_row("replicas identical", "yes" if r["replicas_identical"] else "[red]NO[/red]", "")
@@ -82,3 +83,6 @@ def print_run(result: dict[str, Any], console: Console | None = None) -> None:
     for key in ("mfu_flag", "peak_note"):
         if result.get(key):
             c.print(f"{'[bold red]MFU: ' if key == 'mfu_flag' else 'peak: '}{result[key]}{'[/bold red]' if key == 'mfu_flag' else ''}")
+    flag = (result.get("breakdown") or {}).get("flag")
+    if flag:
+        c.print(f"[yellow]breakdown: {flag}[/yellow]")

@@ -154,8 +154,30 @@ def finish(cfg: RunConfig, raw: dict[str, Any]) -> dict[str, Any]:
         result.setdefault(k, v)
     result["breakdown"] = {**(raw.get("breakdown") or {"probes": 0, "measured": None, "why": "this backend has no probes yet"}),
                            "predicted": predicted_parts(cfg, hw_id, workload) if predicted else None}
+    result["breakdown"]["flag"] = breakdown_flag(result["breakdown"].get("measured"), cfg.devices)
     result.pop("step_times", None)
     return result
+
+
+#: |unattributed| beyond this share of the probed step: the parts do not explain the step
+UNATTRIBUTED_LIMIT = 0.15
+
+
+def breakdown_flag(measured: dict[str, Any] | None, devices: int) -> str | None:
+    """Why the measured parts cannot be read as the step's split, or None. The parts are timed
+    apart (``_probe``): where they add to far more or far less than the step timed whole, their
+    split is not where the time went (torch-ddp's mlp at N = 4 on 2 cores read -7.1 and +3.1 ms
+    unattributed of 8-10 ms steps in two runs: ranks sharing cores drift apart differently in each
+    part)."""
+    if not measured or not measured.get("step_s"):
+        return None
+    share = measured["unattributed_s"] / measured["step_s"]
+    if abs(share) <= UNATTRIBUTED_LIMIT:
+        return None
+    cores = os.cpu_count() or 1
+    why = f"; {devices} devices share {cores} cores, so the ranks' waits differ from part to part" if devices > cores else ""
+    return (f"unattributed is {share:+.0%} of the probed step: the parts, timed apart, "
+            f"{'add to more than' if share < 0 else 'leave out much of'} the whole step{why}; read them as rough")
 
 
 def per_step_series(result: dict[str, Any]) -> dict[str, list[float | None]]:

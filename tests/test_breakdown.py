@@ -39,6 +39,8 @@ def test_parts_are_measured_and_explain_the_step(runs):
         assert m["compute_s"] > 0 and m["train_step_s"] == pytest.approx(r["step_time_s"])
         if r["devices"] <= 2:  # 4 ranks on 2 cores: each step is at the scheduler's mercy, the parts too
             assert abs(m["unattributed_s"]) <= 0.15 * m["step_s"], (name, m)
+        # beyond 15% the run says the parts are rough, in its JSON (and on the console)
+        assert (b["flag"] is None) == (abs(m["unattributed_s"]) <= 0.15 * m["step_s"]), (name, b)
 
 
 def test_exposed_communication_grows_with_gradient_bytes(runs):
@@ -79,3 +81,27 @@ def test_jax_breakdown(jax_runs):
         if r["devices"] <= 2:
             assert abs(m["unattributed_s"]) <= 0.15 * m["step_s"], (name, m)
     assert jax_runs["big4"]["breakdown"]["measured"]["comm_exposed_s"] > jax_runs["small4"]["breakdown"]["measured"]["comm_exposed_s"]
+
+
+def test_a_breakdown_whose_parts_do_not_add_up_is_flagged():
+    from rich.console import Console
+
+    from scaling.report import summary_table
+    from scaling.run import breakdown_flag
+
+    fine = {"data_s": 0.1, "compute_s": 5.0, "comm_exposed_s": 4.0, "unattributed_s": 0.9, "step_s": 10.0}
+    assert breakdown_flag(fine, 1) is None and breakdown_flag(None, 4) is None
+    over = dict(fine, unattributed_s=-3.0)
+    flag = breakdown_flag(over, 64)  # more devices than any CI host has cores
+    assert flag is not None and "-30%" in flag and "add to more than" in flag and "64 devices share" in flag
+    assert "leave out much of" in str(breakdown_flag(dict(fine, unattributed_s=2.0), 1))
+    assert "share" not in str(breakdown_flag(dict(fine, unattributed_s=2.0), 1))
+    r = {"backend": "torch-ddp", "model": "mlp", "devices": 64, "hardware": "host-cpu", "step_time_s": 0.01,
+         "predicted_step_time_s": None, "samples_per_s": 1.0, "achieved_flops": 1.0, "achieved_flops_per_device": 1.0,
+         "peak_flops": None, "peak_dtype": "fp32", "mfu": None, "model_flops_per_step": 1.0, "global_batch": 64,
+         "per_device_batch": 1, "losses": [1.0], "replicas_identical": True,
+         "breakdown": {"measured": over, "predicted": None, "flag": flag}}
+    c = Console(width=120, record=True)
+    c.print(summary_table(r))
+    line = next(x for x in c.export_text().splitlines() if "unattributed" in x)
+    assert "(!)" in line
