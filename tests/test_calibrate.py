@@ -158,6 +158,7 @@ def test_real_xla_cpu_collectives():
     assert m["slowdown"] >= 1 and 0 < m["ref_step_s"] < 1
     assert set(m["gemm"]["fp32"]["device"]) == {str(s) for s in measure.TINY.gemm}
     assert [b for b, _ in m["stream"]] == [20 * e for e in measure.TINY.stream] and all(t > 0 for _, t in m["stream"])
+    assert m["stream_passes"] == measure.STREAM_PASSES
     assert m["leaf_s"] > 0  # two devices: sixteen small leaves take longer than one array of their bytes
     # jax-sharded's partitioner cost per gradient byte, per optimizer, for strided and plain weights
     assert set(m["gspmd"]) == {"adam", "sgd", "adam:plain", "sgd:plain"} and all(v >= 0 for v in m["gspmd"].values())
@@ -223,3 +224,14 @@ def test_each_gradient_tensor_pays_the_collectives_latency(cache):
     unknown = estimate.Workload("script", wl.params, wl.train_flops_per_sample, wl.grad_bytes, wl.layer_flops)
     assert estimate.predict_step(unknown, "host-cpu", 8, 128, backend="jax-pmap", calibration=cal).comm_s == pytest.approx(
         line(cnn.grad_bytes()) - line(1024))
+
+
+def test_an_xla_entry_from_an_older_probe_is_measured_again():
+    """What ``ensure`` re-measures: an XLA-CPU entry whose memory probe made one pass (the first
+    pass's timings ran 1.3-2.4x the later ones'), or whose partitioner probe lacks the plain weight."""
+    full = {"stream": [[1e6, 1e-4]], "leaf_s": 1e-5, "gspmd": {"adam": 1e-9, "adam:plain": 1e-10},
+            "stream_passes": measure.STREAM_PASSES}
+    assert measure._probed(full, "xla-cpu")
+    assert not measure._probed({k: v for k, v in full.items() if k != "stream_passes"}, "xla-cpu")
+    assert not measure._probed(dict(full, gspmd={"adam": 1e-9}), "xla-cpu")
+    assert measure._probed({"stream": [[1e6, 1e-4]]}, "gloo")  # gloo's probe is in place: one pass

@@ -58,6 +58,10 @@ TINY = Sizes((32, 128), (1 << 10, 1 << 16), 8, 3, 1, True, (1 << 12, 1 << 16))
 """For tests: seconds, not minutes."""
 
 
+#: passes of XLA's memory probe over its sizes (the fastest of each size); an entry measured in
+#: fewer is measured again
+STREAM_PASSES = 3
+
 #: the per-leaf all-reduce probe's pytree: this many 1 KiB arrays
 LEAVES = 16
 
@@ -239,6 +243,7 @@ def calibrate(backends: list[str], device_counts: list[int], sizes: Sizes = QUIC
             alpha, bw = fit_alpha_beta(pts)
             colls[str(n)] = {"points": pts, "alpha": alpha, "bw": bw, "slowdown": m["slowdown"], "stream": m.get("stream", []),
                              "leaf_s": m.get("leaf_s", 0.0), "gspmd": m.get("gspmd", {}),
+                             "stream_passes": m.get("stream_passes", 1),
                              "ref_step_s": m.get("ref_step_s"), "framework_version": framework_version("torch" if fam == "gloo" else "jax")}
     for b in backends:
         fam, pkg = FAMILIES[b]
@@ -282,6 +287,7 @@ def _probed(entry: dict[str, Any], family: str) -> bool:
     """Whether a collective entry holds every probe this version measures (an older one is measured again)."""
     gspmd = entry.get("gspmd")
     return "stream" in entry and (family == "gloo" or ("leaf_s" in entry and gspmd is not None
+                                                       and entry.get("stream_passes", 1) >= STREAM_PASSES
                                                        and (not gspmd or "adam" + partitioner.PLAIN in gspmd)))
 
 
@@ -412,19 +418,25 @@ def _xla_worker() -> None:
     # memory-bound work of N devices at once: a momentum update on every device, into fresh buffers
     # as a podscale step writes them (donating them made this probe 2-3x faster at N = 8, but not
     # the training step: 37 and 33 ms against 33 and 29 for the mlp of width 1024)
+    # Three passes over the sizes, the fastest of each size: the first pass's timings ran 1.3-2.4x
+    # the later ones' at N = 2 here (fresh memory: the heap has not yet grown to the step's size),
+    # and one pass read N = 2's update of 1.3 MiB at 0.14 ms in one calibration and 0.34 in the
+    # next, which put the on-grid mlp at N = 2 43% high and the off-grid N = 4 runs 20-28% high
     upd = jax.pmap(lambda p, m, g: (p - 1e-3 * (0.9 * m + g), 0.9 * m + g))
-    stream = []
-    for e in spec.get("stream", []):
-        state = [put(jnp.ones((n, e), jnp.float32)), put(jnp.ones((n, e), jnp.float32))]
-        g = put(jnp.ones((n, e), jnp.float32))
+    best: dict[int, float] = {}
+    for _ in range(STREAM_PASSES):
+        for e in spec.get("stream", []):
+            state = [put(jnp.ones((n, e), jnp.float32)), put(jnp.ones((n, e), jnp.float32))]
+            g = put(jnp.ones((n, e), jnp.float32))
 
-        def run() -> None:
-            state[:] = upd(state[0], state[1], g)
-            state[0].block_until_ready()
+            def run() -> None:
+                state[:] = upd(state[0], state[1], g)
+                state[0].block_until_ready()
 
-        run()
-        stream.append((stream_bytes(e), _time_calls(run, reps, 4 if e < (1 << 20) else 2)))
-    res["stream"] = stream
+            run()
+            best[e] = min(best.get(e, float("inf")), _time_calls(run, reps, 4 if e < (1 << 20) else 2))
+    res["stream"] = [(stream_bytes(e), best[e]) for e in spec.get("stream", [])]
+    res["stream_passes"] = STREAM_PASSES
     psum = jax.pmap(lambda v: jax.lax.psum(v, "i"), axis_name="i")
     points = []
     for nbytes in spec["messages"]:
