@@ -17,7 +17,7 @@ from scaling.errors import UsageError
 #: ceiling (32 MiB) that is an mmap per step, and every page of it faults anew: gpt-tiny (2 layers,
 #: 16 samples a device: 35 MiB of temporaries) took 9,300 minor faults a step here. Medians of
 #: interleaved runs, glibc's defaults / these: jax-sharded N = 4 1.36x, jax-pmap N = 4 1.21x,
-#: N = 16 1.29x, N = 1 1.04x; the mlp at N = 8 0.97-1.05x (``bench/allocator.py``). A device
+#: N = 16 1.29x, N = 1 1.04x; the mlp at N = 8 0.97-1.05x (``bench/allocator.py`` runs). A device
 #: thread's arena holds at most 64 MiB in one piece, so pmap's threads still fault some; one arena
 #: for all threads (``arena_max=1``) made jax-pmap N = 1 1.2x faster again but N = 16 17% slower
 #: and the mlp at N = 8 8% slower, so it is left out. torch's CPU runs and torch_xla's gained
