@@ -5,7 +5,8 @@ XLA-CPU allocates each program's temporaries afresh for every execution. Past gl
 more than 32 MiB of temporaries pays for its memory twice. podscale starts JAX CPU processes with
 ``GLIBC_TUNABLES`` set (``scaling/backends/jax_env.py``: ``MALLOC_TUNABLES``) so the heap keeps
 those pages; this prints the step time of the same runs with and without, in interleaved pairs
-(ABBA), and the median ratio default ÷ podscale per config.
+(ABBA, ``pairs.abba``), and per config the median ratio podscale's ÷ glibc's defaults with its
+bootstrap interval (target: no slower, median <= 1.03).
 
     .venv/bin/python bench/allocator.py [--configs "jax-pmap:1,jax-sharded:4"] [--model gpt-tiny]
         [--per-device-batch 16] [--steps 20] [--repeats 4]
@@ -16,13 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from pairs import abba  # noqa: E402
 
 
 def step_time(backend: str, devices: int, model: str, batch: int, steps: int, tunables: str | None) -> float:
@@ -51,16 +54,12 @@ def main() -> None:
     a = ap.parse_args()
     for item in a.configs.split(","):
         backend, _, n = item.partition(":")
-        ratios = []
-        for i in range(a.repeats):
-            order = (False, True) if i % 4 in (0, 3) else (True, False)
-            got = {g: step_time(backend, int(n), a.model, a.per_device_batch, a.steps, "" if g else None) for g in order}
-            ratios.append(got[True] / got[False])
-            print(f"{backend} N={n} pair {i + 1}: glibc defaults {got[True] * 1e3:.1f} ms, podscale's "
-                  f"{got[False] * 1e3:.1f} ms, ratio {ratios[-1]:.3f}", flush=True)
-        print(f"{backend} · {a.model} · N={n}: median ratio glibc defaults / podscale's {statistics.median(ratios):.3f} "
-              f"(min {min(ratios):.3f}, max {max(ratios):.3f}, {a.repeats} interleaved pairs)", flush=True)
 
+        def run(tunables: str | None, backend: str = backend, n: int = int(n)) -> float:
+            return step_time(backend, n, a.model, a.per_device_batch, a.steps, tunables)
+
+        abba(f"{backend} · {a.model} · N={n}: podscale's malloc ÷ glibc's defaults", lambda: run(None), lambda: run(""),
+             a.repeats, names=("podscale's", "glibc defaults"))
 
 if __name__ == "__main__":
     main()

@@ -69,7 +69,7 @@ def bootstrap_ci(ratios: list[float], level: float = 0.95, resamples: int = 10_0
 
 
 def abba(label: str, ours: Callable[[], float], theirs: Callable[[], float], repeats: int,
-         target: tuple[float, float] = (1.03, 1.05)) -> tuple[float, float, float]:
+         target: tuple[float, float] = (1.03, 1.05), names: tuple[str, str] = ("podscale", "hand-written")) -> tuple[float, float, float]:
     """``repeats`` interleaved pairs in ABBA order; prints each pair, the median ratio ours ÷ theirs
     and its bootstrap 95% interval, against a target (median, upper end of the interval)."""
     ratios = []
@@ -79,7 +79,7 @@ def abba(label: str, ours: Callable[[], float], theirs: Callable[[], float], rep
         else:
             b, a = theirs(), ours()
         ratios.append(a / b)
-        print(f"pair {i + 1}: podscale {a * 1e3:.3f} ms, hand-written {b * 1e3:.3f} ms, ratio {a / b:.3f}", flush=True)
+        print(f"pair {i + 1}: {names[0]} {a * 1e3:.3f} ms, {names[1]} {b * 1e3:.3f} ms, ratio {a / b:.3f}", flush=True)
     med = statistics.median(ratios)
     lo, hi = bootstrap_ci(ratios)
     ok = med <= target[0] and hi <= target[1]

@@ -15,9 +15,9 @@ from scaling.errors import UsageError
 #: glibc malloc for a JAX process on CPU: allocations from the heap (no mmap), the heap never
 #: trimmed. XLA-CPU allocates a program's temporaries afresh for each execution; past glibc's mmap
 #: ceiling (32 MiB) that is an mmap per step, and every page of it faults anew: gpt-tiny (2 layers,
-#: 16 samples a device: 35 MiB of temporaries) took 9,300 minor faults a step here. Medians of
-#: interleaved runs, glibc's defaults / these: jax-sharded N = 4 1.36x, jax-pmap N = 4 1.21x,
-#: N = 16 1.29x, N = 1 1.04x; the mlp at N = 8 0.97-1.05x (``bench/allocator.py`` runs). A device
+#: 16 samples a device: 35 MiB of temporaries) took 9,300 minor faults a step here.
+#: ``bench/allocator.py``, podscale's step / glibc's defaults', median of 4 ABBA pairs: jax-sharded
+#: N = 4 0.75, jax-pmap N = 4 0.78, N = 1 0.80; the mlp at N = 8 1.01 (pmap), 0.92 (sharded). A device
 #: thread's arena holds at most 64 MiB in one piece, so pmap's threads still fault some; one arena
 #: for all threads (``arena_max=1``) made jax-pmap N = 1 1.2x faster again but N = 16 17% slower
 #: and the mlp at N = 8 8% slower, so it is left out. torch's CPU runs and torch_xla's gained
