@@ -46,6 +46,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 from scaling import checkpoint, sharding_torch
+from scaling.backends import gloo_io
 from scaling.config import RunConfig
 from scaling.context import WorkerContext
 from scaling.errors import Diverged, UsageError
@@ -117,6 +118,8 @@ def init(config: RunConfig | None = None, ctx: Any = None, fresh: bool = False) 
     if config.backend == "torch-ddp" and world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=config.collective_timeout))
+    if dist.is_initialized() and dist.get_backend() == "gloo":
+        gloo_io.idle_io_threads()  # ranks on shared cores: gloo's spinning reader yields (gloo_io)
     torch.manual_seed(config.seed)
     seed_host_rngs(config.seed)
     _SESSION = Session(config, rank, world, local_rank, ctx, device=device)
@@ -523,6 +526,8 @@ class _Loop:
         if self.loader.plan is not None or self.loader._step_fn is not None:
             self.loader.seek(start)
         wrapped = self._wrap()
+        if dist.is_initialized() and dist.get_backend() == "gloo":
+            gloo_io.idle_io_threads()  # any group made since init (the user's own, FSDP's)
         autocast = torch.autocast(s.device.type if s.device.type != "xla" else "xla", dtype=torch.bfloat16,
                                   enabled=cfg.dtype == "bfloat16")
         local = torch.zeros(max(self.total - start, 1), dtype=torch.float64 if s.device.type != "xla" else torch.float32, device=s.device)

@@ -234,4 +234,19 @@ def test_an_xla_entry_from_an_older_probe_is_measured_again():
     assert measure._probed(full, "xla-cpu")
     assert not measure._probed({k: v for k, v in full.items() if k != "stream_passes"}, "xla-cpu")
     assert not measure._probed(dict(full, gspmd={"adam": 1e-9}), "xla-cpu")
-    assert measure._probed({"stream": [[1e6, 1e-4]]}, "gloo")  # gloo's probe is in place: one pass
+    assert measure._probed({"stream": [[1e6, 1e-4]], "gloo_io": "idle"}, "gloo")  # gloo's probe is in place: one pass
+
+
+def test_a_gloo_entry_measured_at_the_other_io_priority_is_measured_again(monkeypatch):
+    """Gloo's entries (its collectives and torch-ddp's reference step) hold the I/O thread's priority
+    they ran at: 2-8 ranks' steps differ 2-2.5x between the two, so one of the other setting, or of
+    a calibration from before the setting existed, is measured again."""
+    monkeypatch.delenv("PODSCALE_GLOO_IO", raising=False)
+    entry = {"stream": [[1e6, 1e-4]], "gloo_io": "idle"}
+    assert measure._probed(entry, "gloo") and measure._io_current("gloo", {"overhead_s": 1e-3, "gloo_io": "idle"})
+    assert not measure._probed({"stream": [[1e6, 1e-4]]}, "gloo")  # from before the setting
+    assert not measure._io_current("gloo", {"overhead_s": 1e-3})
+    monkeypatch.setenv("PODSCALE_GLOO_IO", "normal")
+    assert not measure._probed(entry, "gloo") and not measure._io_current("gloo", {"overhead_s": 1e-3, "gloo_io": "idle"})
+    assert measure._io_current("xla-cpu", {"overhead_s": 1e-3})  # XLA's entries know nothing of gloo
+    assert not measure._io_current("xla-cpu", None)

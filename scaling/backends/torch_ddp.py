@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from models import torch as mtorch
 from scaling import train_torch as api
+from scaling.backends import gloo_io
 from scaling.backends import torch_common as tc
 from scaling.config import RunConfig
 from scaling.data import load_dataset, load_init
@@ -29,6 +30,7 @@ NAME = "torch-ddp"
 
 
 def validate(cfg: RunConfig) -> None:
+    gloo_io.setting()  # PODSCALE_GLOO_IO, before any rank starts
     if cfg.processes not in (0, cfg.devices):
         raise UsageError(f"--processes {cfg.processes}: torch-ddp runs one process per device; use --processes {cfg.devices} or omit it")
     if torch.cuda.is_available() and cfg.devices > torch.cuda.device_count():

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from scaling.backends import gloo_io
 from scaling.backends.jax_env import cpu_malloc_env
 from scaling.errors import RunFailed, UsageError
 from scaling.throughput import host, layer_rates, partitioner
@@ -243,7 +244,7 @@ def calibrate(backends: list[str], device_counts: list[int], sizes: Sizes = QUIC
             alpha, bw = fit_alpha_beta(pts)
             colls[str(n)] = {"points": pts, "alpha": alpha, "bw": bw, "slowdown": m["slowdown"], "stream": m.get("stream", []),
                              "leaf_s": m.get("leaf_s", 0.0), "gspmd": m.get("gspmd", {}),
-                             "stream_passes": m.get("stream_passes", 1),
+                             "stream_passes": m.get("stream_passes", 1), **_io_mark(fam),
                              "ref_step_s": m.get("ref_step_s"), "framework_version": framework_version("torch" if fam == "gloo" else "jax")}
     for b in backends:
         fam, pkg = FAMILIES[b]
@@ -254,7 +255,7 @@ def calibrate(backends: list[str], device_counts: list[int], sizes: Sizes = QUIC
         entry.update({"framework_version": framework_version(pkg), "collective": fam, "ref_grad_bytes": ref_grad_bytes(),
                       "ref_model": {"model": "mlp", **REF_MODEL_OPTS}})
         for n in device_counts:
-            if str(n) not in entry["per_n"]:
+            if not _io_current(fam, entry["per_n"].get(str(n))):  # absent, or gloo's I/O at another priority
                 entry["per_n"][str(n)] = _reference_entry(b, n, sizes, data, log)
             if not _spmd_probed(b, entry["per_n"][str(n)]):  # torch-xla's, also where an older calibration lacks it
                 log(f"{b}: SPMD step of one weight, two sizes, at N={n}")
@@ -275,7 +276,18 @@ def _reference_entry(b: str, n: int, sizes: Sizes, data: dict[str, Any], log: Ca
         if not coll.get("ref_step_s"):
             raise UsageError(f"cannot calibrate {b}: {e}") from None
         step, source = coll["ref_step_s"], "reference jax step (backend unavailable)"
-    return {"overhead_s": step, "slowdown": data["collectives"][fam][str(n)]["slowdown"], "overhead_source": source}
+    return {"overhead_s": step, "slowdown": data["collectives"][fam][str(n)]["slowdown"], "overhead_source": source,
+            **_io_mark(fam)}
+
+
+def _io_mark(family: str) -> dict[str, str]:
+    """Gloo's entries say at which priority its I/O thread ran (``gloo_io``): 2 to 8 ranks' steps
+    differ 2-2.5x between the two, so an entry of the other setting is measured again."""
+    return {"gloo_io": gloo_io.setting()} if family == "gloo" else {}
+
+
+def _io_current(family: str, entry: dict[str, Any] | None) -> bool:
+    return entry is not None and (family != "gloo" or entry.get("gloo_io") == gloo_io.setting())
 
 
 def _spmd_probed(backend: str, entry: dict[str, Any]) -> bool:
@@ -286,7 +298,7 @@ def _spmd_probed(backend: str, entry: dict[str, Any]) -> bool:
 def _probed(entry: dict[str, Any], family: str) -> bool:
     """Whether a collective entry holds every probe this version measures (an older one is measured again)."""
     gspmd = entry.get("gspmd")
-    return "stream" in entry and (family == "gloo" or ("leaf_s" in entry and gspmd is not None
+    return "stream" in entry and (_io_current(family, entry) if family == "gloo" else ("leaf_s" in entry and gspmd is not None
                                                        and entry.get("stream_passes", 1) >= STREAM_PASSES
                                                        and (not gspmd or "adam" + partitioner.PLAIN in gspmd)))
 
@@ -298,7 +310,8 @@ def ensure(backends: list[str], device_counts: list[int], quick: bool = True, lo
     backends = [b for b in backends if b in FAMILIES and importlib.util.find_spec(FAMILIES[b][1]) is not None]
     colls = cal.get("collectives", {})
     per_n = {b: cal.get("backends", {}).get(b, {}).get("per_n", {}) for b in backends}
-    missing_b = [b for b in backends if not all(str(n) in per_n[b] and _spmd_probed(b, per_n[b][str(n)]) for n in device_counts)
+    missing_b = [b for b in backends if not all(_io_current(FAMILIES[b][0], per_n[b].get(str(n))) and _spmd_probed(b, per_n[b][str(n)])
+                                                for n in device_counts)
                  or not all(_probed(colls.get(FAMILIES[b][0], {}).get(str(n), {}), FAMILIES[b][0]) for n in device_counts)
                  or not cal.get("gemm", {}).get(gemm_source(b)) or not cal.get("layers", {}).get(layer_source(b))]
     if not missing_b:
@@ -317,6 +330,7 @@ def _gloo_worker() -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    gloo_io.idle_io_threads()  # as in the runs it prices (``scaling.train_torch``)
     reps = spec["reps"]
     # GEMM contention: every rank at once vs rank 0 alone
     a = torch.randn(256, 256)
