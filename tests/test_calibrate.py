@@ -150,6 +150,47 @@ def test_real_gloo_calibration_feeds_runs(cache):
     # the layer table was measured with it, and the prediction is composed from it
     assert calibration.host_terms(data, "torch-ddp", 2).layers == data["layers"]["torch"]
     assert {"dense", "conv", "eltwise", "adam"} <= set(data["layers"]["torch"])
+    # and gloo's gradient bytes are priced from the wide reference's real step
+    e2 = data["backends"]["torch-ddp"]["per_n"]["2"]
+    assert e2["wide_grad_bytes"] == calibration.ref_grad_bytes(calibration.WIDE_REF_OPTS) > 1_000_000
+    assert 0 < e2["wide_step_s"] < 1
+    _gloo_bytes_are_priced_by_the_wide_reference(data)
+
+
+def _gloo_bytes_are_priced_by_the_wide_reference(data: dict) -> None:
+    """The rule on a real calibration's terms: what a gradient byte beyond the reference's costs is
+    linear in the wide reference's step (its own layers and update, whatever they are, drop out of
+    a difference), log-log in N between calibrated counts, and the all-reduce probe's without it."""
+    import copy
+
+    from models.spec import get_spec
+
+    wl = estimate.workload(get_spec("mlp"))
+    extra_bytes = wl.grad_bytes - calibration.ref_grad_bytes()
+    wide_extra = calibration.ref_grad_bytes(calibration.WIDE_REF_OPTS) - calibration.ref_grad_bytes()
+
+    def comm(cal: dict, n: int) -> float:
+        return estimate.predict_step(wl, "host-cpu", n, 16 * n, backend="torch-ddp", calibration=cal).comm_s
+
+    base = copy.deepcopy(data)
+    e2 = base["backends"]["torch-ddp"]["per_n"]["2"]
+    e2["wide_step_s"] = e2["overhead_s"] + 0.05  # large enough that the byte's cost is positive
+    more = copy.deepcopy(base)
+    more["backends"]["torch-ddp"]["per_n"]["2"]["wide_step_s"] += 0.01
+    assert comm(more, 2) - comm(base, 2) == pytest.approx(0.01 * extra_bytes / wide_extra)
+    r2 = comm(base, 2) / extra_bytes
+    # N = 8 as N = 2 but 30 ms more in the wide step (its own layers there are slowed by 8 ranks on
+    # the cores): N = 4 lies half way in log N, so its rate is the geometric mean of theirs
+    base["backends"]["torch-ddp"]["per_n"]["8"] = dict(e2, wide_step_s=e2["wide_step_s"] + 0.03)
+    base["collectives"]["gloo"]["8"] = copy.deepcopy(base["collectives"]["gloo"]["2"])
+    r8 = comm(base, 8) / extra_bytes
+    assert r8 > r2
+    assert comm(base, 4) == pytest.approx(math.sqrt(r2 * r8) * extra_bytes)
+    # a calibration from before the wide reference: the all-reduce probe prices the bytes
+    for e in base["backends"]["torch-ddp"]["per_n"].values():
+        e.pop("wide_step_s", None)
+    t = calibration.host_terms(base, "torch-ddp", 2)
+    assert comm(base, 2) == pytest.approx(max(0.0, t.allreduce(wl.grad_bytes) - t.allreduce(t.ref_bytes)))
 
 
 def test_real_xla_cpu_collectives():
@@ -249,4 +290,9 @@ def test_a_gloo_entry_measured_at_the_other_io_priority_is_measured_again(monkey
     monkeypatch.setenv("PODSCALE_GLOO_IO", "normal")
     assert not measure._probed(entry, "gloo") and not measure._io_current("gloo", {"overhead_s": 1e-3, "gloo_io": "idle"})
     assert measure._io_current("xla-cpu", {"overhead_s": 1e-3})  # XLA's entries know nothing of gloo
+    monkeypatch.delenv("PODSCALE_GLOO_IO")
+    # gloo's reference entries past N = 1 hold the wide reference's step too
+    assert not measure._ref_current("gloo", 2, {"overhead_s": 1e-3, "gloo_io": "idle"})
+    assert measure._ref_current("gloo", 2, {"overhead_s": 1e-3, "gloo_io": "idle", "wide_step_s": 2e-3})
+    assert measure._ref_current("gloo", 1, {"overhead_s": 1e-3, "gloo_io": "idle"})
     assert not measure._io_current("xla-cpu", None)

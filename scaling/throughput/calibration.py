@@ -52,6 +52,11 @@ FAMILIES = {"torch-ddp": ("gloo", "torch"), "jax-pmap": ("xla-cpu", "jax"), "jax
             # measured through jax (installed beside it in .venv-xla), its overhead through itself
             "torch-xla": ("xla-cpu", "torch_xla")}
 REF_MODEL_OPTS = {"d_in": 16, "hidden": 16, "d_out": 1}
+WIDE_REF_OPTS = {"d_in": 512, "hidden": 512, "d_out": 1}
+"""Gloo's second reference (1.05 MB of gradients, one sample a device): what a gradient byte costs
+in a real DDP step at N, beyond the reference's. The all-reduce probe alone, timed while no rank
+computes, priced the 404 KB of an mlp's gradients at 0.2 ms at N = 4 on 2 cores; in the step they
+cost 1.3-1.9 ms, since ranks that compute hold the cores gloo's readers need."""
 
 
 def gemm_source(backend: str) -> str:
@@ -422,8 +427,9 @@ def fit_alpha_beta(points: list[tuple[float, float]]) -> tuple[float, float]:
     return alpha, 1.0 / slope
 
 
-def ref_grad_bytes() -> int:
-    d, h, o = REF_MODEL_OPTS["d_in"], REF_MODEL_OPTS["hidden"], REF_MODEL_OPTS["d_out"]
-    return 4 * (d * h + h + h * o + o)
+def ref_grad_bytes(opts: dict[str, int] | None = None) -> int:
+    o = opts or REF_MODEL_OPTS
+    d, h, out = o["d_in"], o["hidden"], o["d_out"]
+    return 4 * (d * h + h + h * out + out)
 
 

@@ -33,7 +33,8 @@ from scaling.backends.jax_env import step_kind
 from scaling.errors import UsageError
 from scaling.throughput import catalog
 from scaling.throughput import host_step, partitioner
-from scaling.throughput.calibration import REF_MODEL_OPTS, has_backend, host_peak, host_terms
+from scaling.throughput.calibration import (FAMILIES, REF_MODEL_OPTS, WIDE_REF_OPTS, has_backend, host_peak, host_terms,
+                                            loglog)
 from scaling.throughput.calibration import load as load_calibration
 from scaling.throughput import compute
 from scaling.throughput.collectives import allreduce_time
@@ -269,13 +270,10 @@ def _predict_host(wl: Workload, hw: catalog.Hardware, n: int, global_batch: floa
         # Each piece at N devices is slowed by the GEMM contention or takes what N devices moving
         # its bytes take, whichever is more (``host_step.contended_seconds``)
         opt = optimizer if wl.works else wl.optimizer
-        ref = layer_works(_ref_spec().layer_costs(), REF_MODEL_OPTS["d_in"])
         # a spec's parameter tensors each add to the update (the reference's four, in its overhead,
         # are taken out with it); a recorded run does not know its tensors: the curve's own count
         tensors, ref_tensors = (wl.leaves, len(_ref_spec().param_shapes())) if wl.works and wl.leaves else (0, 0)
-        compute = max(0.0, host_step.contended_seconds(works, per_dev, terms.layers, opt, terms.slowdown,  # type: ignore[arg-type]
-                                                       terms.stream_seconds, None if wl.works else wl.params, tensors)
-                      - terms.slowdown * host_step.step_seconds(ref, 1.0, terms.layers, opt, None, ref_tensors))  # type: ignore[arg-type]
+        compute = _net_compute(works, per_dev, terms, opt, None if wl.works else wl.params, tensors, ref_tensors)
     elif wl.op_flops:  # measured calls without a forward record (an older run): each one GEMM/conv of that many FLOPs
         compute_1 = sum(f / terms.gemm_rate(f) for f in wl.op_flops)
         if wl.optimizer and host_step.has_table(terms.layers):
@@ -288,6 +286,9 @@ def _predict_host(wl: Workload, hw: catalog.Hardware, n: int, global_batch: floa
     if not by_layers:
         compute = compute_1 * terms.slowdown
     comm = terms.allreduce(wl.grad_bytes) - terms.allreduce(terms.ref_bytes)
+    in_step = _gloo_byte_cost(cal, backend, n) if n > 1 and by_layers else None
+    if in_step is not None:  # gloo: a byte's cost in a real step, not in the probe's idle all-reduce
+        comm = in_step * (wl.grad_bytes - terms.ref_bytes)
     if wl.leaves:  # each tensor beyond the first pays the collective's latency, as the reference's did
         comm += terms.leaf_s * (wl.leaves - len(_ref_spec().param_shapes()))
     if terms.gspmd and (backend == "torch-xla" or (backend == "jax-sharded" and step_kind() == "jit")):
@@ -309,6 +310,48 @@ def _predict_host(wl: Workload, hw: catalog.Hardware, n: int, global_batch: floa
     return Estimate(wl.name, hw.id, n, global_batch, dtype, backend, step, compute, comm, comm, terms.overhead,
                     global_batch / step, flops, flops / step, peak, key, (flops / step / peak) if peak else None,
                     None, 0.0, f"calibration of this host ({backend}, N={n}{', interpolated' if terms.interpolated else ''})")
+
+
+def _net_compute(works: Sequence[LayerWork], per_dev: float, terms: Any, opt: str | None, params: float | None,
+                 tensors: int, ref_tensors: int) -> float:
+    """The layers and update of ``works`` at N devices (each piece slowed by the GEMM contention or
+    taking what N devices moving its bytes take, whichever is more: ``host_step.contended_seconds``),
+    less the reference model's own, which its measured step (the overhead) holds already."""
+    ref = layer_works(_ref_spec().layer_costs(), REF_MODEL_OPTS["d_in"])
+    return max(0.0, host_step.contended_seconds(works, per_dev, terms.layers, opt, terms.slowdown, terms.stream_seconds,
+                                                params, tensors)
+               - terms.slowdown * host_step.step_seconds(ref, 1.0, terms.layers, opt, None, ref_tensors))
+
+
+def _gloo_byte_cost(cal: Any, backend: str, n: int) -> float | None:
+    """Seconds per gradient byte beyond the reference's in a real gloo step at N: the wide
+    reference's step less the reference's and less the wide one's own layers and update, over the
+    bytes between them (``calibration.WIDE_REF_OPTS``); log-log in N between calibrated counts.
+    None: not gloo, or a calibration without the wide reference (the all-reduce probe prices it)."""
+    from models.spec import get_spec
+
+    if FAMILIES.get(backend, ("",))[0] != "gloo":
+        return None
+    per_n = {int(k): v for k, v in cal.get("backends", {}).get(backend, {}).get("per_n", {}).items()
+             if int(k) > 1 and "wide_step_s" in v}
+    if not per_n or (n not in per_n and len(per_n) < 2):
+        return None
+    wide = get_spec("mlp", **WIDE_REF_OPTS)
+    works = layer_works(wide.layer_costs(), WIDE_REF_OPTS["d_in"])
+    ref_tensors = len(_ref_spec().param_shapes())
+    rates = {}
+    for m, e in per_n.items():
+        terms = host_terms(cal, backend, m)
+        if not host_step.has_table(terms.layers):
+            return None
+        # the references train with the run's default optimizer, Adam
+        own = _net_compute(works, 1.0, terms, "adam", None, len(wide.param_shapes()), ref_tensors)
+        extra = e["wide_grad_bytes"] - terms.ref_bytes
+        rates[m] = max(1e-15, (e["wide_step_s"] - e["overhead_s"] - own) / extra)
+    if n in rates:
+        return rates[n]
+    ms = sorted(rates)
+    return loglog(ms, [rates[m] for m in ms], n)
 
 
 def device_counts(max_devices: int) -> list[int]:

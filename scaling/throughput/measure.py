@@ -30,7 +30,7 @@ from scaling.backends.jax_env import cpu_malloc_env
 from scaling.errors import RunFailed, UsageError
 from scaling.throughput import host, layer_rates, partitioner
 from scaling.throughput.layer_rates import time_calls as _time_calls
-from scaling.throughput.calibration import (FAMILIES, REF_MODEL_OPTS, VERSION, _empty, fit_alpha_beta, framework_version,
+from scaling.throughput.calibration import (FAMILIES, REF_MODEL_OPTS, VERSION, WIDE_REF_OPTS, _empty, fit_alpha_beta, framework_version,
                                             gemm_source, layer_source, load, monotone, ref_grad_bytes, save)
 
 
@@ -173,7 +173,7 @@ def measure_torch_xla_spmd(n: int, timeout: float = 600.0) -> dict[str, Any]:
     return _torch_xla_worker("torch-xla-spmd", n, {}, timeout, f"torch_xla SPMD at N={n}")
 
 
-def reference_step(backend: str, n: int, sizes: Sizes) -> float:
+def reference_step(backend: str, n: int, sizes: Sizes, opts: dict[str, int] | None = None) -> float:
     """Step of the tiny reference model through the real backend at N devices: the median over
     ``sizes.ref_runs`` separate runs of each run's median step. On 2 shared cores the median step
     of one multi-rank run varies run to run far more than within a run (2 gloo ranks: 1.5 to 3.4
@@ -185,7 +185,7 @@ def reference_step(backend: str, n: int, sizes: Sizes) -> float:
 
     untimed = max(2, sizes.ref_steps // 5)
     cfg = RunConfig(backend=backend, model="mlp", devices=n, global_batch=n, steps=sizes.ref_steps,
-                    untimed_steps=untimed, model_opts={k: str(v) for k, v in REF_MODEL_OPTS.items()},
+                    untimed_steps=untimed, model_opts={k: str(v) for k, v in (opts or REF_MODEL_OPTS).items()},
                     step_timeout=120.0, startup_timeout=300.0)
     runs = [median_step_time(run_local(cfg)["step_times"], untimed) for _ in range(sizes.ref_runs)]
     return statistics.median(runs)
@@ -255,7 +255,7 @@ def calibrate(backends: list[str], device_counts: list[int], sizes: Sizes = QUIC
         entry.update({"framework_version": framework_version(pkg), "collective": fam, "ref_grad_bytes": ref_grad_bytes(),
                       "ref_model": {"model": "mlp", **REF_MODEL_OPTS}})
         for n in device_counts:
-            if not _io_current(fam, entry["per_n"].get(str(n))):  # absent, or gloo's I/O at another priority
+            if not _ref_current(fam, n, entry["per_n"].get(str(n))):  # absent, older, or gloo's I/O at another priority
                 entry["per_n"][str(n)] = _reference_entry(b, n, sizes, data, log)
             if not _spmd_probed(b, entry["per_n"][str(n)]):  # torch-xla's, also where an older calibration lacks it
                 log(f"{b}: SPMD step of one weight, two sizes, at N={n}")
@@ -276,8 +276,12 @@ def _reference_entry(b: str, n: int, sizes: Sizes, data: dict[str, Any], log: Ca
         if not coll.get("ref_step_s"):
             raise UsageError(f"cannot calibrate {b}: {e}") from None
         step, source = coll["ref_step_s"], "reference jax step (backend unavailable)"
-    return {"overhead_s": step, "slowdown": data["collectives"][fam][str(n)]["slowdown"], "overhead_source": source,
-            **_io_mark(fam)}
+    entry = {"overhead_s": step, "slowdown": data["collectives"][fam][str(n)]["slowdown"], "overhead_source": source,
+             **_io_mark(fam)}
+    if fam == "gloo" and n > 1:  # a gradient byte's cost in the step (``WIDE_REF_OPTS``); N = 1 reduces nothing
+        log(f"{b}: wide reference step (mlp {WIDE_REF_OPTS['d_in']}-{WIDE_REF_OPTS['hidden']}-{WIDE_REF_OPTS['d_out']}) at N={n}")
+        entry.update(wide_step_s=reference_step(b, n, sizes, WIDE_REF_OPTS), wide_grad_bytes=ref_grad_bytes(WIDE_REF_OPTS))
+    return entry
 
 
 def _io_mark(family: str) -> dict[str, str]:
@@ -288,6 +292,11 @@ def _io_mark(family: str) -> dict[str, str]:
 
 def _io_current(family: str, entry: dict[str, Any] | None) -> bool:
     return entry is not None and (family != "gloo" or entry.get("gloo_io") == gloo_io.setting())
+
+
+def _ref_current(family: str, n: int, entry: dict[str, Any] | None) -> bool:
+    """A backend's entry at N is complete: gloo's at N > 1 holds the wide reference too."""
+    return _io_current(family, entry) and (family != "gloo" or n < 2 or "wide_step_s" in entry)  # type: ignore[operator]
 
 
 def _spmd_probed(backend: str, entry: dict[str, Any]) -> bool:
@@ -310,7 +319,7 @@ def ensure(backends: list[str], device_counts: list[int], quick: bool = True, lo
     backends = [b for b in backends if b in FAMILIES and importlib.util.find_spec(FAMILIES[b][1]) is not None]
     colls = cal.get("collectives", {})
     per_n = {b: cal.get("backends", {}).get(b, {}).get("per_n", {}) for b in backends}
-    missing_b = [b for b in backends if not all(_io_current(FAMILIES[b][0], per_n[b].get(str(n))) and _spmd_probed(b, per_n[b][str(n)])
+    missing_b = [b for b in backends if not all(_ref_current(FAMILIES[b][0], n, per_n[b].get(str(n))) and _spmd_probed(b, per_n[b][str(n)])
                                                 for n in device_counts)
                  or not all(_probed(colls.get(FAMILIES[b][0], {}).get(str(n), {}), FAMILIES[b][0]) for n in device_counts)
                  or not cal.get("gemm", {}).get(gemm_source(b)) or not cal.get("layers", {}).get(layer_source(b))]
