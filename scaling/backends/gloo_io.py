@@ -4,8 +4,8 @@ Gloo's TCP transport reads every message on one thread per device (``gloo_tcp_lo
 message arrives before the rank has posted the buffer it goes to, that thread spins on its
 level-triggered epoll until the buffer is posted. The thread that would post it (the rank's
 collective thread or its main thread) is then queued behind the spinner on the same core until the
-scheduler's next tick: 4 ms on this host's kernel (HZ = 250). Measured here (PLATFORM_NOTES, 2
-cores, torch 2.13): a 66 KB all-reduce between 2 ranks had a median of 0.41 ms and a quarter of
+scheduler's next tick: 4 ms on this host's kernel (HZ = 250). Measured here (README, "Gloo on
+shared cores"; 2 cores, torch 2.13): a 66 KB all-reduce between 2 ranks had a median of 0.41 ms and a quarter of
 its calls at 2.6-8 ms; 2 ranks' median training step varied 1.3-4.1 ms run to run.
 
 At ``SCHED_IDLE`` the spinner gives way at once to any thread that wakes on its core and still

@@ -285,10 +285,11 @@ def _predict_host(wl: Workload, hw: catalog.Hardware, n: int, global_batch: floa
         compute_1 = sum(f * per_dev / terms.gemm_rate(f * per_dev / 3.0) for f in layers)
     if not by_layers:
         compute = compute_1 * terms.slowdown
-    comm = terms.allreduce(wl.grad_bytes) - terms.allreduce(terms.ref_bytes)
     in_step = _gloo_byte_cost(cal, backend, n) if n > 1 and by_layers else None
     if in_step is not None:  # gloo: a byte's cost in a real step, not in the probe's idle all-reduce
         comm = in_step * (wl.grad_bytes - terms.ref_bytes)
+    else:
+        comm = terms.allreduce(wl.grad_bytes) - terms.allreduce(terms.ref_bytes)
     if wl.leaves:  # each tensor beyond the first pays the collective's latency, as the reference's did
         comm += terms.leaf_s * (wl.leaves - len(_ref_spec().param_shapes()))
     if terms.gspmd and (backend == "torch-xla" or (backend == "jax-sharded" and step_kind() == "jit")):
