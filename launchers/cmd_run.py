@@ -49,6 +49,7 @@ def check_environment() -> None:
     import os
 
     from scaling import fault
+    from scaling.backends import gloo_io
     from scaling.backends.jax_env import step_kind
 
     try:
@@ -56,6 +57,7 @@ def check_environment() -> None:
     except ValueError as e:
         raise UsageError(str(e)) from None
     step_kind()
+    gloo_io.setting()  # every backend's gloo: torch-ddp, torch-xla under torchrun, JAX's processes
     if os.environ.get("PODSCALE_CACHE_DIR"):
         paths.writable_dir("PODSCALE_CACHE_DIR", os.environ["PODSCALE_CACHE_DIR"])
 

@@ -1,4 +1,5 @@
-"""Gloo's I/O thread runs at SCHED_IDLE in every torch-ddp rank on CPU (``scaling.backends.gloo_io``):
+"""Gloo's I/O thread runs at SCHED_IDLE in every torch-ddp rank on CPU, and in every process of a
+JAX run over several processes (``scaling.backends.gloo_io``):
 its spin on a message whose buffer is not posted yet otherwise holds the core for a scheduler tick
 (4 ms here). The speed-up is measured side by side in ``bench/gloo_io.py``; these tests check that
 a user's own script gets the setting on every rank, that ``PODSCALE_GLOO_IO=normal`` leaves gloo
@@ -32,6 +33,26 @@ with open(os.path.join(sys.argv[1], f"rank{run.rank}.json"), "w") as f:
 '''
 
 
+# the same for a JAX user: jaxlib's gloo starts its reader unnamed; podscale names it as torch's is
+JAX_SCRIPT = '''
+import json, os, sys
+import numpy as np
+import optax
+from flax import nnx
+import podscale.jax as ps
+
+run = ps.init()
+model = nnx.Linear(8, 1, rngs=nnx.Rngs(0))
+x = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+ps.fit(model, optax.sgd(0.1), lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), (x, x[:, :1]))
+tids = [int(t) for t in os.listdir("/proc/self/task")
+        if open(f"/proc/self/task/{t}/comm").read().strip() == "gloo_tcp_loop"]
+policies = sorted(os.sched_getscheduler(t) for t in tids)
+with open(os.path.join(sys.argv[1], f"rank{run.rank}.json"), "w") as f:
+    json.dump(policies, f)
+'''
+
+
 @pytest.mark.parametrize("setting,policy", [(None, os.SCHED_IDLE), ("normal", os.SCHED_OTHER)])
 def test_every_rank_of_a_users_script_has_its_gloo_reader_at_the_chosen_priority(tmp_path, monkeypatch, setting, policy):
     monkeypatch.delenv("PODSCALE_GLOO_IO", raising=False)
@@ -47,8 +68,25 @@ def test_every_rank_of_a_users_script_has_its_gloo_reader_at_the_chosen_priority
         assert policies and set(policies) == {policy}, (rank, policies)
 
 
-def test_a_bad_setting_is_a_one_line_error_before_any_rank_starts(tmp_path):
-    p = podscale("run", "--backend", "torch-ddp", "--devices", "2", "--steps", "4", "--json", str(tmp_path / "r.json"),
+@pytest.mark.parametrize("setting,policy", [(None, os.SCHED_IDLE), ("normal", os.SCHED_OTHER)])
+def test_every_process_of_a_jax_users_script_names_its_gloo_reader_and_sets_its_priority(tmp_path, monkeypatch, setting,
+                                                                                         policy):
+    monkeypatch.delenv("PODSCALE_GLOO_IO", raising=False)
+    script = tmp_path / "train.py"
+    script.write_text(JAX_SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {"PODSCALE_GLOO_IO": setting} if setting else {}
+    podscale("run", str(script), "--backend", "jax-pmap", "--devices", "2", "--processes", "2", "--global-batch", "16",
+             "--steps", "4", "--probe-steps", "0", "--", str(out), env=env)
+    for rank in (0, 1):
+        policies = json.loads((out / f"rank{rank}.json").read_text())
+        assert policies == [policy], (rank, policies)  # exactly one reader, named, at the chosen priority
+
+
+@pytest.mark.parametrize("backend", ["torch-ddp", "jax-pmap"])
+def test_a_bad_setting_is_a_one_line_error_before_any_rank_starts(tmp_path, backend):
+    p = podscale("run", "--backend", backend, "--devices", "2", "--steps", "4", "--json", str(tmp_path / "r.json"),
                  env={"PODSCALE_GLOO_IO": "fast"}, check=False)
     assert p.returncode == 2, (p.returncode, p.stderr)
     lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
