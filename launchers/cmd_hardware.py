@@ -274,18 +274,20 @@ def main_predict(args: argparse.Namespace) -> int:
         r0 = rows[0]
         t = Table(title=f"podscale predict: {r0.model} on {hw.id} ({args.scaling} scaling, {args.dtype}, MFU vs {r0.peak_dtype} peak)",
                   title_style="bold")
-        # step time = overhead + compute + exposed comm: with the overhead column the parts add up
-        cols = ["devices", "global batch", "per device", "step time", "overhead", "compute", "comm (exposed)", "samples/s",
-                "achieved", "MFU", f"{args.scaling} eff."]
+        # step time = overhead + data + compute + exposed comm: with those columns the parts add up
+        cols = ["devices", "global batch", "per device", "step time", "overhead", "data", "compute", "comm (exposed)",
+                "samples/s", "achieved", "MFU", f"{args.scaling} eff."]
         shown = cols if args.wide else ["devices", "global batch", "step time", "samples/s", "MFU", f"{args.scaling} eff."]
-        if not any(r.overhead_s for r in rows):
-            cols.remove("overhead")
-            shown = [c for c in shown if c != "overhead"]
+        for col, attr in (("overhead", "overhead_s"), ("data", "data_s")):
+            if not any(getattr(r, attr) for r in rows):
+                cols.remove(col)
+                shown = [c for c in shown if c != col]
         for col in shown:
             t.add_column(col, justify="right")
         for r in rows:
             cells = dict(zip(cols, (str(r.devices), f"{r.global_batch:g}", f"{r.per_device_batch:g}", f"{r.step_time_s * 1e3:.4g} ms",
-                                    *([f"{r.overhead_s * 1e3:.4g} ms"] if "overhead" in cols else []), f"{r.compute_s * 1e3:.4g} ms", f"{r.comm_s * 1e3:.4g} ms", f"{r.samples_per_s:,.1f}",
+                                    *([f"{r.overhead_s * 1e3:.4g} ms"] if "overhead" in cols else []),
+                                    *([f"{r.data_s * 1e3:.4g} ms"] if "data" in cols else []), f"{r.compute_s * 1e3:.4g} ms", f"{r.comm_s * 1e3:.4g} ms", f"{r.samples_per_s:,.1f}",
                                     format_flops(r.achieved_flops), mfu_text(r.mfu),
                                     f"{r.efficiency * 100:.1f}%" if r.efficiency is not None else "")))
             t.add_row(*(cells[c] for c in shown))

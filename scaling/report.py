@@ -66,7 +66,7 @@ def summary_table(r: dict[str, Any]) -> Table:
     b = r.get("breakdown") or {}
     m, p = b.get("measured") or {}, b.get("predicted") or {}
     if m or p:  # where the step's time went: K probes after training, beside the prediction's parts
-        for label, mk, pk in (("  data", "data_s", None), ("  compute", "compute_s", "compute_s"),
+        for label, mk, pk in (("  data", "data_s", "data_s"), ("  compute", "compute_s", "compute_s"),
                               ("  comm (exposed)", "comm_exposed_s", "comm_exposed_s"),
                               ("  unattributed / overhead", "unattributed_s", "overhead_s")):
             flagged = mk == "unattributed_s" and m and b.get("flag")

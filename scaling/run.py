@@ -61,13 +61,15 @@ def measured_workload(raw: dict[str, Any], global_batch: int) -> estimate.Worklo
                              op_flops=tuple(float(f) for f in rec.get("gemm_flops", ())), optimizer=rec.get("optimizer"),
                              # a jax step's all-reduced arrays, less its loss: the gradient tensors
                              leaves=max(0, int(rec.get("allreduce_operands") or 0) - 1),
+                             sample_bytes=rec.get("sample_bytes"),
                              recorded=host_step.recorded_works(rec["layers"], rec.get("batch") or 1, rec.get("backward_gemm_flops", 0))
                              if rec.get("layers") else ())
 
 
 def predicted_parts(cfg: RunConfig, hw_id: str, workload: estimate.Workload | None) -> dict[str, float] | None:
-    """The prediction's step split as the measured breakdown is: compute, exposed communication and
-    the per-step overhead (framework, data, launches), so the two can be read side by side."""
+    """The prediction's step split as the measured breakdown is: data (where priced), compute,
+    exposed communication and the per-step overhead (framework, launches), so the two can be read
+    side by side."""
     try:
         if workload is None:
             workload = estimate.workload(get_spec(cfg.model, **cfg.model_opts))
@@ -75,7 +77,8 @@ def predicted_parts(cfg: RunConfig, hw_id: str, workload: estimate.Workload | No
                                   optimizer=cfg.optimizer)
     except Exception:  # noqa: BLE001 - a prediction must never break a finished run
         return None
-    return {"compute_s": e.compute_s, "comm_exposed_s": e.comm_s, "overhead_s": e.overhead_s, "step_s": e.step_time_s}
+    return {**({"data_s": e.data_s} if e.data_s else {}), "compute_s": e.compute_s, "comm_exposed_s": e.comm_s,
+            "overhead_s": e.overhead_s, "step_s": e.step_time_s}
 
 
 def mfu_flag(mfu: float | None, hw_id: str) -> str | None:

@@ -487,6 +487,8 @@ def fit(model: nnx.Module, tx: optax.GradientTransformation, loss_fn: Callable[[
 
     batch = next_batch(start)
     compiled, record = _compile(prog, params, rest, opt_state, batch, len(s.devices), cfg.sharding != "none")
+    # what one sample's inputs and targets weigh on the devices: the host's data term
+    record["sample_bytes"] = sum(int(a.nbytes) for a in jax.tree_util.tree_leaves(batch)) / max(1, gb)
     # run the executable that was measured; a multi-process pmap compiled ahead wants global-shaped
     # inputs, and a batch of another shape (remainder="keep") needs its own compilation
     run = compiled if compiled is not None and not (prog.kind == "pmap" and s.world > 1) else prog.fn

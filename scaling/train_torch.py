@@ -578,6 +578,9 @@ class _Loop:
             if record is None:
                 record = summarize_ops(recorder.ops, recorder, self.loader.global_batch // self.loader.world)  # type: ignore[union-attr,arg-type]
                 record["optimizer"] = optimizer_kind(self.opt)
+                # what one sample's inputs and targets weigh as they arrive: the host's data term
+                record["sample_bytes"] = sum(int(t.numel()) * t.element_size() for t in tree_flatten((inputs, targets))[0]
+                                             if isinstance(t, torch.Tensor)) / max(1, record["batch"] or 1)
                 record["comm_bytes"] = sharding_torch.comm_bytes(self.model, self.sharding) if self.twin is not None \
                     else _bucket_bytes(wrapped)
             window_n += 1

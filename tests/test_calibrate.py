@@ -141,12 +141,13 @@ def test_real_gloo_calibration_feeds_runs(cache):
     assert set(data["gemm"]["torch"]["fp32"]) == {str(t) for t in range(1, host.host_cores() + 1)}
     # ensure() finds nothing missing: no second measurement
     assert measure.ensure(["torch-ddp"], [2])["measured_at"] == data["measured_at"]
-    cfg = RunConfig(devices=2, global_batch=16, steps=6, untimed_steps=2)
+    cfg = RunConfig(devices=2, global_batch=16, steps=6, untimed_steps=2, probe_steps=2)
     result = finish(cfg, run_local(cfg))
     assert result["predicted_step_time_s"] == pytest.approx(estimate.predict_run(cfg, "host-cpu"))
     assert result["prediction_error"] == pytest.approx(result["predicted_step_time_s"] / result["step_time_s"] - 1)
     est = estimate.predict_step("mlp", "host-cpu", 2, 16, backend="torch-ddp")
-    assert est.overhead_s == data["backends"]["torch-ddp"]["per_n"]["2"]["overhead_s"] and est.compute_s > 0
+    ref = data["backends"]["torch-ddp"]["per_n"]["2"]  # the reference's step less its data part, now priced apart
+    assert est.overhead_s == pytest.approx(ref["overhead_s"] - ref["data_s"]) and est.compute_s > 0 and est.data_s > 0
     # the layer table was measured with it, and the prediction is composed from it
     assert calibration.host_terms(data, "torch-ddp", 2).layers == data["layers"]["torch"]
     assert {"dense", "conv", "eltwise", "adam"} <= set(data["layers"]["torch"])
@@ -155,6 +156,49 @@ def test_real_gloo_calibration_feeds_runs(cache):
     assert e2["wide_grad_bytes"] == calibration.ref_grad_bytes(calibration.WIDE_REF_OPTS) > 1_000_000
     assert 0 < e2["wide_step_s"] < 1
     _gloo_bytes_are_priced_by_the_wide_reference(data)
+    # the data reference: its probe's data part is measured, and a batch's bytes are priced by it
+    assert e2["data_wide_bytes"] == calibration.DATA_REF_BATCH * calibration.sample_bytes(calibration.DATA_REF_OPTS) > 1_000_000
+    assert e2["data_bytes"] == calibration.sample_bytes(calibration.REF_MODEL_OPTS) and 0 < e2["data_s"] < 1
+    assert 0 < e2["data_wide_s"] < 1
+    _batch_bytes_are_priced_by_the_data_reference(data)
+    # and a run's predicted breakdown holds the data part beside the measured one
+    assert result["breakdown"]["predicted"]["data_s"] == pytest.approx(estimate.predict_step(
+        "mlp", "host-cpu", 2, 16, backend="torch-ddp", calibration=data).data_s)
+    assert result["breakdown"]["measured"]["data_s"] >= 0
+
+
+def _batch_bytes_are_priced_by_the_data_reference(data: dict) -> None:
+    """The data term on a real calibration's entries: the reference's own data part moves from the
+    overhead to data (the step keeps it once), each byte beyond the reference's costs the data
+    reference's extra time over its extra bytes, and N between calibrated counts gets their
+    geometric mean; a calibration without the data reference prices no data, as before."""
+    import copy
+
+    from models.spec import get_spec
+
+    wl = estimate.workload(get_spec("mlp"))  # 1000 inputs, 10 targets: 4040 bytes a sample
+    assert wl.sample_bytes == 4 * (1000 + 10)
+    base = copy.deepcopy(data)
+    e2 = base["backends"]["torch-ddp"]["per_n"]["2"]
+    e2.update(data_s=1e-4, data_wide_s=1e-4 + 1e-3)  # 1 ms more for the data reference's extra bytes
+    per_byte = 1e-3 / (e2["data_wide_bytes"] - e2["data_bytes"])
+
+    def est(cal: dict, n: int, per_dev: int = 16) -> estimate.Estimate:
+        return estimate.predict_step(wl, "host-cpu", n, per_dev * n, backend="torch-ddp", calibration=cal)
+
+    e = est(base, 2)
+    assert e.data_s == pytest.approx(1e-4 + per_byte * (16 * wl.sample_bytes - e2["data_bytes"]))
+    assert e.overhead_s == pytest.approx(e2["overhead_s"] - 1e-4)
+    assert e.step_time_s == pytest.approx(e.overhead_s + e.data_s + e.compute_s + e.comm_s)
+    assert est(base, 2, 32).data_s - e.data_s == pytest.approx(per_byte * 16 * wl.sample_bytes)
+    # N = 8 at 4x N = 2's rate: N = 4, half way in log N, at twice it
+    base["backends"]["torch-ddp"]["per_n"]["8"] = dict(e2, data_wide_s=1e-4 + 4e-3)
+    base["collectives"]["gloo"]["8"] = copy.deepcopy(base["collectives"]["gloo"]["2"])
+    assert est(base, 4).data_s == pytest.approx(1e-4 + 2 * per_byte * (16 * wl.sample_bytes - e2["data_bytes"]))
+    for entry in base["backends"]["torch-ddp"]["per_n"].values():
+        entry.pop("data_wide_s")
+    old = est(base, 2)
+    assert old.data_s == 0 and old.overhead_s == e2["overhead_s"]
 
 
 def _gloo_bytes_are_priced_by_the_wide_reference(data: dict) -> None:
@@ -291,8 +335,14 @@ def test_a_gloo_entry_measured_at_the_other_io_priority_is_measured_again(monkey
     assert not measure._probed(entry, "gloo") and not measure._io_current("gloo", {"overhead_s": 1e-3, "gloo_io": "idle"})
     assert measure._io_current("xla-cpu", {"overhead_s": 1e-3})  # XLA's entries know nothing of gloo
     monkeypatch.delenv("PODSCALE_GLOO_IO")
-    # gloo's reference entries past N = 1 hold the wide reference's step too
-    assert not measure._ref_current("gloo", 2, {"overhead_s": 1e-3, "gloo_io": "idle"})
-    assert measure._ref_current("gloo", 2, {"overhead_s": 1e-3, "gloo_io": "idle", "wide_step_s": 2e-3})
-    assert measure._ref_current("gloo", 1, {"overhead_s": 1e-3, "gloo_io": "idle"})
+    # gloo's reference entries past N = 1 hold the wide reference's step too, and every backend's
+    # with probes the data reference; torch-xla has no probes (no data part to measure)
+    data = {"data_s": 1e-5, "data_bytes": 68, "data_wide_s": 1e-4, "data_wide_bytes": 1 << 20}
+    assert not measure._ref_current("torch-ddp", 2, {"overhead_s": 1e-3, "gloo_io": "idle", **data})
+    assert measure._ref_current("torch-ddp", 2, {"overhead_s": 1e-3, "gloo_io": "idle", "wide_step_s": 2e-3, **data})
+    assert not measure._ref_current("torch-ddp", 2, {"overhead_s": 1e-3, "gloo_io": "idle", "wide_step_s": 2e-3})
+    assert measure._ref_current("torch-ddp", 1, {"overhead_s": 1e-3, "gloo_io": "idle", **data})
+    assert measure._ref_current("jax-pmap", 4, {"overhead_s": 1e-3, **data})
+    assert not measure._ref_current("jax-sharded", 4, {"overhead_s": 1e-3})
+    assert measure._ref_current("torch-xla", 4, {"overhead_s": 1e-3})
     assert not measure._io_current("xla-cpu", None)

@@ -59,6 +59,19 @@ computes, priced the 404 KB of an mlp's gradients at 0.2 ms at N = 4 on 2 cores;
 cost 1.3-1.9 ms, since ranks that compute hold the cores gloo's readers need."""
 
 
+DATA_REF_OPTS = {"d_in": 4096, "hidden": 1, "d_out": 1}
+DATA_REF_BATCH = 64
+"""The data reference: 64 samples a device of 4096 inputs (1.05 MB a device a step) through a model
+of 4097 weights, whose breakdown probe times what a batch's bytes cost to reach the devices beyond
+the reference's 68 (``data_s``). A step's input placement is no part of the layer table; measured
+here (2 cores, 256 KB a device): 0.03 -> 0.18 ms at N = 4 on torch-ddp, 0.21 -> 0.40 on jax-sharded."""
+
+
+def sample_bytes(opts: dict[str, int]) -> int:
+    """One sample's bytes of an mlp's data (float32 inputs and targets)."""
+    return 4 * (opts["d_in"] + opts["d_out"])
+
+
 def gemm_source(backend: str) -> str:
     """Which GEMM table a backend's compute is predicted from: torch's (gloo ranks) or XLA's (via jax)."""
     return "torch" if FAMILIES[backend][0] == "gloo" else "jax"

@@ -75,6 +75,10 @@ class Workload:
     """Gradient bytes of the matmul weights whose fan-in XLA's partitioned step reads at the strided
     rate (``partitioner.strided``); None: unknown (a recorded run), every byte priced so."""
 
+    sample_bytes: float | None = None
+    """Bytes of one sample's inputs and targets as the data loader hands them over: what the host's
+    data term prices (``calibration.DATA_REF_OPTS``); None: unknown, unpriced."""
+
     def roofline_works(self) -> tuple[LayerWork, ...]:
         return self.works or flops_only_works(self.train_flops_per_sample, self.params)
 
@@ -118,7 +122,17 @@ def workload(model: Any, **opts: Any) -> Workload:
     return Workload(name or model.name, model.param_count, float(model.train_flops_per_sample), model.grad_bytes(), layers,
                     works=works, activations_per_sample=float(model.activations_per_sample),
                     leaves=len(model.param_shapes()),
-                    strided_grad_bytes=partitioner.strided_bytes(list(model.param_shapes().values())))
+                    strided_grad_bytes=partitioner.strided_bytes(list(model.param_shapes().values())),
+                    sample_bytes=_sample_bytes(model))
+
+
+def _sample_bytes(spec: Any) -> float | None:
+    """One sample of the spec's own synthetic data, as a run feeds it: inputs and targets."""
+    try:
+        x, y = spec.synthetic_data(1, 0, teacher=False)
+    except Exception:  # noqa: BLE001 - a spec without data of its own: the data term stays unpriced
+        return None
+    return float(x.nbytes + y.nbytes)
 
 
 # ---- estimates ------------------------------------------------------------------------------
@@ -159,6 +173,9 @@ class Estimate:
     """Time of the memory-bound layer pieces (norms, activations, pools, embeddings), in compute_s."""
     launch_s: float = 0.0
     slices: int = 1
+    data_s: float = 0.0
+    """Placing the step's batch on the devices (host-cpu: the reference's measured data part, plus
+    the batch's extra bytes at the data reference's rate); in ``step_time_s``, not in ``overhead_s``."""
 
     @property
     def mfu_flag(self) -> str | None:
@@ -304,13 +321,19 @@ def _predict_host(wl: Workload, hw: catalog.Hardware, n: int, global_batch: floa
         strided = wl.grad_bytes if wl.strided_grad_bytes is None else wl.strided_grad_bytes
         comm += per_byte * strided + plain * max(0.0, wl.grad_bytes - strided - terms.ref_bytes)
     comm = max(0.0, comm)
-    step = terms.overhead + compute + comm
+    overhead, data = terms.overhead, 0.0
+    cost = _data_cost(cal, backend, n)
+    if cost is not None and wl.sample_bytes:  # the reference's own data part moves from the overhead to data
+        ref_data, ref_bytes, per_byte = cost
+        overhead, data = terms.overhead - ref_data, ref_data + per_byte * max(0.0, per_dev * wl.sample_bytes - ref_bytes)
+    step = overhead + data + compute + comm
     flops = wl.train_flops_per_sample * global_batch
     key = catalog.PEAK_DTYPE[dtype]
     peak = host_peak(cal, key)  # shared by all emulated devices: not multiplied by N
-    return Estimate(wl.name, hw.id, n, global_batch, dtype, backend, step, compute, comm, comm, terms.overhead,
+    return Estimate(wl.name, hw.id, n, global_batch, dtype, backend, step, compute, comm, comm, overhead,
                     global_batch / step, flops, flops / step, peak, key, (flops / step / peak) if peak else None,
-                    None, 0.0, f"calibration of this host ({backend}, N={n}{', interpolated' if terms.interpolated else ''})")
+                    None, 0.0, f"calibration of this host ({backend}, N={n}{', interpolated' if terms.interpolated else ''})",
+                    data_s=data)
 
 
 def _net_compute(works: Sequence[LayerWork], per_dev: float, terms: Any, opt: str | None, params: float | None,
@@ -353,6 +376,24 @@ def _gloo_byte_cost(cal: Any, backend: str, n: int) -> float | None:
         return rates[n]
     ms = sorted(rates)
     return loglog(ms, [rates[m] for m in ms], n)
+
+
+def _data_cost(cal: Any, backend: str, n: int) -> tuple[float, float, float] | None:
+    """(the reference's data part, its bytes a device, seconds per byte beyond them) at N: the data
+    reference's probe less the reference's, over the bytes between them; log-log in N between or
+    beyond the calibrated counts. None: a calibration without the data reference (or torch-xla,
+    which has no probes): the batch's bytes are not priced."""
+    per_n = {int(k): v for k, v in cal.get("backends", {}).get(backend, {}).get("per_n", {}).items() if "data_wide_s" in v}
+    if not per_n or (n not in per_n and len(per_n) < 2):
+        return None
+    ms = sorted(per_n)
+    ref = [per_n[m]["data_s"] for m in ms]
+    rate = [max(1e-15, (per_n[m]["data_wide_s"] - per_n[m]["data_s"]) / (per_n[m]["data_wide_bytes"] - per_n[m]["data_bytes"]))
+            for m in ms]
+    ref_bytes = float(per_n[ms[0]]["data_bytes"])
+    if n in per_n:
+        return ref[ms.index(n)], ref_bytes, rate[ms.index(n)]
+    return loglog(ms, [max(r, 1e-9) for r in ref], n), ref_bytes, loglog(ms, rate, n)
 
 
 def device_counts(max_devices: int) -> list[int]:

@@ -30,8 +30,9 @@ from scaling.backends.jax_env import cpu_malloc_env
 from scaling.errors import RunFailed, UsageError
 from scaling.throughput import host, layer_rates, partitioner
 from scaling.throughput.layer_rates import time_calls as _time_calls
-from scaling.throughput.calibration import (FAMILIES, REF_MODEL_OPTS, VERSION, WIDE_REF_OPTS, _empty, fit_alpha_beta, framework_version,
-                                            gemm_source, layer_source, load, monotone, ref_grad_bytes, save)
+from scaling.throughput.calibration import (DATA_REF_BATCH, DATA_REF_OPTS, FAMILIES, REF_MODEL_OPTS, VERSION, WIDE_REF_OPTS, _empty,
+                                            fit_alpha_beta, framework_version,
+                                            gemm_source, layer_source, load, monotone, ref_grad_bytes, sample_bytes, save)
 
 
 
@@ -179,16 +180,30 @@ def reference_step(backend: str, n: int, sizes: Sizes, opts: dict[str, int] | No
     of one multi-rank run varies run to run far more than within a run (2 gloo ranks: 1.5 to 3.4
     ms over five runs here), and one torch run at N = 1 too (0.35 to 0.44 ms), so one run's figure
     would be replayed into every prediction."""
+    return reference_runs(backend, n, sizes, opts)[0]
+
+
+def reference_runs(backend: str, n: int, sizes: Sizes, opts: dict[str, int] | None = None, per_device: int = 1,
+                   runs: int | None = None) -> tuple[float, float | None]:
+    """(median step, median data part) over ``runs`` (default ``sizes.ref_runs``) runs of the mlp
+    ``opts`` at ``per_device`` samples a device; the data part is the breakdown probe's (None where
+    the backend has no probes: torch-xla)."""
     from scaling.world import run_local
     from scaling.config import RunConfig
     from scaling.meter import median_step_time
 
     untimed = max(2, sizes.ref_steps // 5)
-    cfg = RunConfig(backend=backend, model="mlp", devices=n, global_batch=n, steps=sizes.ref_steps,
+    cfg = RunConfig(backend=backend, model="mlp", devices=n, global_batch=n * per_device, steps=sizes.ref_steps,
                     untimed_steps=untimed, model_opts={k: str(v) for k, v in (opts or REF_MODEL_OPTS).items()},
-                    step_timeout=120.0, startup_timeout=300.0)
-    runs = [median_step_time(run_local(cfg)["step_times"], untimed) for _ in range(sizes.ref_runs)]
-    return statistics.median(runs)
+                    probe_steps=max(2, sizes.ref_steps // 30), step_timeout=120.0, startup_timeout=300.0)
+    steps, data = [], []
+    for _ in range(runs or sizes.ref_runs):
+        raw = run_local(cfg)
+        steps.append(median_step_time(raw["step_times"], untimed))
+        d = ((raw.get("breakdown") or {}).get("measured") or {}).get("data_s")
+        if d is not None:
+            data.append(d)
+    return statistics.median(steps), (statistics.median(data) if data else None)
 
 
 def calibrate(backends: list[str], device_counts: list[int], sizes: Sizes = QUICK, log: Callable[[str], None] | None = None,
@@ -255,7 +270,7 @@ def calibrate(backends: list[str], device_counts: list[int], sizes: Sizes = QUIC
         entry.update({"framework_version": framework_version(pkg), "collective": fam, "ref_grad_bytes": ref_grad_bytes(),
                       "ref_model": {"model": "mlp", **REF_MODEL_OPTS}})
         for n in device_counts:
-            if not _ref_current(fam, n, entry["per_n"].get(str(n))):  # absent, older, or gloo's I/O at another priority
+            if not _ref_current(b, n, entry["per_n"].get(str(n))):  # absent, older, or gloo's I/O at another priority
                 entry["per_n"][str(n)] = _reference_entry(b, n, sizes, data, log)
             if not _spmd_probed(b, entry["per_n"][str(n)]):  # torch-xla's, also where an older calibration lacks it
                 log(f"{b}: SPMD step of one weight, two sizes, at N={n}")
@@ -269,8 +284,9 @@ def _reference_entry(b: str, n: int, sizes: Sizes, data: dict[str, Any], log: Ca
     """A backend's calibration at N: its reference step (the overhead) and the family's slowdown."""
     fam = FAMILIES[b][0]
     log(f"{b}: reference step (mlp 16-16-1) at N={n}")
+    data_s: float | None = None
     try:
-        step, source = reference_step(b, n, sizes), "podscale run (the real backend)"
+        (step, data_s), source = reference_runs(b, n, sizes), "podscale run (the real backend)"
     except (ImportError, UsageError) as e:
         coll = data["collectives"][fam][str(n)]
         if not coll.get("ref_step_s"):
@@ -278,6 +294,12 @@ def _reference_entry(b: str, n: int, sizes: Sizes, data: dict[str, Any], log: Ca
         step, source = coll["ref_step_s"], "reference jax step (backend unavailable)"
     entry = {"overhead_s": step, "slowdown": data["collectives"][fam][str(n)]["slowdown"], "overhead_source": source,
              **_io_mark(fam)}
+    if data_s is not None:  # what a batch's bytes cost to reach the devices (``DATA_REF_OPTS``)
+        log(f"{b}: data reference ({DATA_REF_BATCH} samples of {sample_bytes(DATA_REF_OPTS)} bytes a device) at N={n}")
+        wide = reference_runs(b, n, sizes, DATA_REF_OPTS, DATA_REF_BATCH, runs=1)[1]
+        if wide is not None:
+            entry.update(data_s=data_s, data_bytes=sample_bytes(REF_MODEL_OPTS), data_wide_s=wide,
+                         data_wide_bytes=DATA_REF_BATCH * sample_bytes(DATA_REF_OPTS))
     if fam == "gloo" and n > 1:  # a gradient byte's cost in the step (``WIDE_REF_OPTS``); N = 1 reduces nothing
         log(f"{b}: wide reference step (mlp {WIDE_REF_OPTS['d_in']}-{WIDE_REF_OPTS['hidden']}-{WIDE_REF_OPTS['d_out']}) at N={n}")
         entry.update(wide_step_s=reference_step(b, n, sizes, WIDE_REF_OPTS), wide_grad_bytes=ref_grad_bytes(WIDE_REF_OPTS))
@@ -294,9 +316,12 @@ def _io_current(family: str, entry: dict[str, Any] | None) -> bool:
     return entry is not None and (family != "gloo" or entry.get("gloo_io") == gloo_io.setting())
 
 
-def _ref_current(family: str, n: int, entry: dict[str, Any] | None) -> bool:
-    """A backend's entry at N is complete: gloo's at N > 1 holds the wide reference too."""
-    return _io_current(family, entry) and (family != "gloo" or n < 2 or "wide_step_s" in entry)  # type: ignore[operator]
+def _ref_current(backend: str, n: int, entry: dict[str, Any] | None) -> bool:
+    """A backend's entry at N is complete: gloo's at N > 1 holds the wide reference too, and every
+    backend with breakdown probes (all but torch-xla) the data reference."""
+    family = FAMILIES[backend][0]
+    return (_io_current(family, entry) and (family != "gloo" or n < 2 or "wide_step_s" in entry)  # type: ignore[operator]
+            and (backend == "torch-xla" or "data_wide_s" in entry))  # type: ignore[operator]
 
 
 def _spmd_probed(backend: str, entry: dict[str, Any]) -> bool:
@@ -319,7 +344,7 @@ def ensure(backends: list[str], device_counts: list[int], quick: bool = True, lo
     backends = [b for b in backends if b in FAMILIES and importlib.util.find_spec(FAMILIES[b][1]) is not None]
     colls = cal.get("collectives", {})
     per_n = {b: cal.get("backends", {}).get(b, {}).get("per_n", {}) for b in backends}
-    missing_b = [b for b in backends if not all(_ref_current(FAMILIES[b][0], n, per_n[b].get(str(n))) and _spmd_probed(b, per_n[b][str(n)])
+    missing_b = [b for b in backends if not all(_ref_current(b, n, per_n[b].get(str(n))) and _spmd_probed(b, per_n[b][str(n)])
                                                 for n in device_counts)
                  or not all(_probed(colls.get(FAMILIES[b][0], {}).get(str(n), {}), FAMILIES[b][0]) for n in device_counts)
                  or not cal.get("gemm", {}).get(gemm_source(b)) or not cal.get("layers", {}).get(layer_source(b))]
