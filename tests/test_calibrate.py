@@ -3,6 +3,7 @@ of gloo and XLA-CPU on this host that `run` then uses for predicted_step_time_s.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -191,10 +192,21 @@ def _batch_bytes_are_priced_by_the_data_reference(data: dict) -> None:
     assert e.overhead_s == pytest.approx(e2["overhead_s"] - 1e-4)
     assert e.step_time_s == pytest.approx(e.overhead_s + e.data_s + e.compute_s + e.comm_s)
     assert est(base, 2, 32).data_s - e.data_s == pytest.approx(per_byte * 16 * wl.sample_bytes)
-    # N = 8 at 4x N = 2's rate: N = 4, half way in log N, at twice it
-    base["backends"]["torch-ddp"]["per_n"]["8"] = dict(e2, data_wide_s=1e-4 + 4e-3)
+    # N = 8 at 8x N = 2's rate: with the cores' share out (N / C ranks a core), N = 4 lies half way
+    # in log N between their rates a core; beyond the counts the nearest one's holds (N = 16)
+    cores, c = base["cores"], functools.partial(calibration.contention, "gloo", cores=base["cores"])
+    base["backends"]["torch-ddp"]["per_n"]["8"] = dict(e2, data_wide_s=1e-4 + 8e-3)
     base["collectives"]["gloo"]["8"] = copy.deepcopy(base["collectives"]["gloo"]["2"])
-    assert est(base, 4).data_s == pytest.approx(1e-4 + 2 * per_byte * (16 * wl.sample_bytes - e2["data_bytes"]))
+    extra = 16 * wl.sample_bytes - e2["data_bytes"]
+    r2, r8 = per_byte / c(2), 8 * per_byte / c(8)
+    ref4 = c(4) * math.sqrt(1e-4 / c(2) * 1e-4 / c(8))  # the reference's own data part, by the same rule
+    assert est(base, 4).data_s == pytest.approx(ref4 + c(4) * math.sqrt(r2 * r8) * extra)
+    assert est(base, 16).data_s == pytest.approx(1e-4 / c(8) * c(16) + c(16) * r8 * extra)
+    # a rate of zero at N = 1 (two noisy probes alike) does not blow up N = 4 beyond N = 1, 2
+    base["backends"]["torch-ddp"]["per_n"]["1"] = dict(e2, data_wide_s=e2["data_s"])
+    del base["backends"]["torch-ddp"]["per_n"]["8"]
+    assert est(base, 4).data_s == pytest.approx(1e-4 / c(2) * c(4) + c(4) * r2 * extra)
+    assert cores >= 1
     for entry in base["backends"]["torch-ddp"]["per_n"].values():
         entry.pop("data_wide_s")
     old = est(base, 2)

@@ -136,7 +136,9 @@ def check_real_table(tab: dict, table: str) -> None:
         dense = {(m, s): t for m, s, _, t in tab["dense"]}
         assert dense[(128, 256)] > dense[(128, 64)]  # 16x the FLOPs
         bmm = {s: t for _, s, _, t in tab["bmm"]}
-        assert bmm[64] > bmm[16]  # M / S matrices of S x S: the larger 4x the FLOPs at the same rows
+        # M / S matrices of S x S: 64x the FLOPs at the same rows (at 4x, torch's two read 0.309 and 0.314
+        # ms in one CI run: its eager calls' dispatch outweighed the arithmetic)
+        assert bmm[128] > bmm[16]
         assert tab["softmax"][-1][1] > tab["softmax"][0][1]  # 64x the scores
         assert tab["adam"][-1][1] > tab["adam"][0][1]
     counts = layer_rates.TENSORS[table]

@@ -32,9 +32,9 @@ from typing import Any, Sequence
 from scaling.backends.jax_env import step_kind
 from scaling.errors import UsageError
 from scaling.throughput import catalog
-from scaling.throughput import host_step, partitioner
+from scaling.throughput import host, host_step, partitioner
 from scaling.throughput.calibration import (FAMILIES, REF_MODEL_OPTS, WIDE_REF_OPTS, has_backend, host_peak, host_terms,
-                                            loglog)
+                                            contention, loglog)
 from scaling.throughput.calibration import load as load_calibration
 from scaling.throughput import compute
 from scaling.throughput.collectives import allreduce_time
@@ -325,6 +325,7 @@ def _predict_host(wl: Workload, hw: catalog.Hardware, n: int, global_batch: floa
     cost = _data_cost(cal, backend, n)
     if cost is not None and wl.sample_bytes:  # the reference's own data part moves from the overhead to data
         ref_data, ref_bytes, per_byte = cost
+        ref_data = min(ref_data, terms.overhead)  # an extrapolated part of the step, never more than it
         overhead, data = terms.overhead - ref_data, ref_data + per_byte * max(0.0, per_dev * wl.sample_bytes - ref_bytes)
     step = overhead + data + compute + comm
     flops = wl.train_flops_per_sample * global_batch
@@ -380,20 +381,31 @@ def _gloo_byte_cost(cal: Any, backend: str, n: int) -> float | None:
 
 def _data_cost(cal: Any, backend: str, n: int) -> tuple[float, float, float] | None:
     """(the reference's data part, its bytes a device, seconds per byte beyond them) at N: the data
-    reference's probe less the reference's, over the bytes between them; log-log in N between or
-    beyond the calibrated counts. None: a calibration without the data reference (or torch-xla,
-    which has no probes): the batch's bytes are not priced."""
+    reference's probe less the reference's, over the bytes between them. At an N the calibration
+    never ran, the cores' share (``contention``: N XLA devices placed by one process, N gloo ranks
+    on C cores) is taken out, the rest taken log-log between the calibrated counts around N, or
+    held at the nearest one's beyond them: a rate near zero at N = 1 (a difference of two noisy
+    probes) extrapolated log-log from N = 1, 2 put a CI run's N = 4 at twice its measured step.
+    None: a calibration without the data reference (or torch-xla, which has no probes)."""
     per_n = {int(k): v for k, v in cal.get("backends", {}).get(backend, {}).get("per_n", {}).items() if "data_wide_s" in v}
-    if not per_n or (n not in per_n and len(per_n) < 2):
+    if not per_n:
         return None
+    fam, cores = FAMILIES[backend][0], int(cal.get("cores") or host.host_cores())
     ms = sorted(per_n)
-    ref = [per_n[m]["data_s"] for m in ms]
-    rate = [max(1e-15, (per_n[m]["data_wide_s"] - per_n[m]["data_s"]) / (per_n[m]["data_wide_bytes"] - per_n[m]["data_bytes"]))
-            for m in ms]
     ref_bytes = float(per_n[ms[0]]["data_bytes"])
-    if n in per_n:
-        return ref[ms.index(n)], ref_bytes, rate[ms.index(n)]
-    return loglog(ms, [max(r, 1e-9) for r in ref], n), ref_bytes, loglog(ms, rate, n)
+
+    def rate(e: dict[str, Any]) -> float:
+        return max(0.0, (e["data_wide_s"] - e["data_s"]) / (e["data_wide_bytes"] - e["data_bytes"]))
+
+    def at(value: Any) -> float:
+        if n in per_n:
+            return float(value(per_n[n]))
+        below, above = [m for m in ms if m < n], [m for m in ms if m > n]
+        norm = {m: max(1e-15, value(per_n[m])) / contention(fam, m, cores) for m in ms}
+        if below and above:
+            return contention(fam, n, cores) * loglog([below[-1], above[0]], [norm[below[-1]], norm[above[0]]], n)
+        return contention(fam, n, cores) * norm[below[-1] if below else above[0]]
+    return at(lambda e: e["data_s"]), ref_bytes, at(rate)
 
 
 def device_counts(max_devices: int) -> list[int]:

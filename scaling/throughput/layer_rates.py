@@ -51,7 +51,7 @@ TENSORS = {"torch": (4, 32), "jax": (1, 32), "torch_xla": (4, 32)}
 TENSORS_PARAMS = 1 << 16
 #: the tests' grids: seconds, not minutes
 TINY = {"dense_m": (16, 128), "dense_s": (64, 256), "conv_c": (8, 32), "conv_hw": (2, 8),
-        "elems": (1 << 10, 1 << 16), "params": (300, 1 << 16), "bmm_m": (256,), "bmm_s": (16, 64)}
+        "elems": (1 << 10, 1 << 16), "params": (300, 1 << 16), "bmm_m": (256,), "bmm_s": (16, 128)}
 
 
 def grids(tiny: bool) -> dict[str, tuple[int, ...]]:
