@@ -158,8 +158,8 @@ def test_real_gloo_calibration_feeds_runs(cache):
     assert 0 < e2["wide_step_s"] < 1
     _gloo_bytes_are_priced_by_the_wide_reference(data)
     # the data reference: its probe's data part is measured, and a batch's bytes are priced by it
-    assert e2["data_wide_bytes"] == calibration.DATA_REF_BATCH * calibration.sample_bytes(calibration.DATA_REF_OPTS) > 1_000_000
-    assert e2["data_bytes"] == calibration.sample_bytes(calibration.REF_MODEL_OPTS) and 0 < e2["data_s"] < 1
+    assert e2["data_wide_bytes"] == calibration.DATA_REF_BATCH * 4 * (4096 + 1) > 1_000_000
+    assert e2["data_bytes"] == 4 * (16 + 1) and 0 < e2["data_s"] < 1
     assert 0 < e2["data_wide_s"] < 1
     _batch_bytes_are_priced_by_the_data_reference(data)
     # and a run's predicted breakdown holds the data part beside the measured one
@@ -194,7 +194,7 @@ def _batch_bytes_are_priced_by_the_data_reference(data: dict) -> None:
     assert est(base, 2, 32).data_s - e.data_s == pytest.approx(per_byte * 16 * wl.sample_bytes)
     # N = 8 at 8x N = 2's rate: with the cores' share out (N / C ranks a core), N = 4 lies half way
     # in log N between their rates a core; beyond the counts the nearest one's holds (N = 16)
-    cores, c = base["cores"], functools.partial(calibration.contention, "gloo", cores=base["cores"])
+    c = functools.partial(calibration.contention, "gloo", cores=base["cores"])
     base["backends"]["torch-ddp"]["per_n"]["8"] = dict(e2, data_wide_s=1e-4 + 8e-3)
     base["collectives"]["gloo"]["8"] = copy.deepcopy(base["collectives"]["gloo"]["2"])
     extra = 16 * wl.sample_bytes - e2["data_bytes"]
@@ -206,7 +206,6 @@ def _batch_bytes_are_priced_by_the_data_reference(data: dict) -> None:
     base["backends"]["torch-ddp"]["per_n"]["1"] = dict(e2, data_wide_s=e2["data_s"])
     del base["backends"]["torch-ddp"]["per_n"]["8"]
     assert est(base, 4).data_s == pytest.approx(1e-4 / c(2) * c(4) + c(4) * r2 * extra)
-    assert cores >= 1
     for entry in base["backends"]["torch-ddp"]["per_n"].values():
         entry.pop("data_wide_s")
     old = est(base, 2)

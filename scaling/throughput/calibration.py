@@ -67,9 +67,21 @@ the reference's 68 (``data_s``). A step's input placement is no part of the laye
 here (2 cores, 256 KB a device): 0.03 -> 0.18 ms at N = 4 on torch-ddp, 0.21 -> 0.40 on jax-sharded."""
 
 
-def sample_bytes(opts: dict[str, int]) -> int:
-    """One sample's bytes of an mlp's data (float32 inputs and targets)."""
-    return 4 * (opts["d_in"] + opts["d_out"])
+def sample_bytes(spec: Any) -> int | None:
+    """One sample of a spec's own synthetic data, as a run feeds it: inputs and targets; None for a
+    spec without data of its own (its batches' bytes stay unpriced)."""
+    try:
+        x, y = spec.synthetic_data(1, 0, teacher=False)
+    except Exception:  # noqa: BLE001
+        return None
+    return int(x.nbytes + y.nbytes)
+
+
+def mlp_sample_bytes(opts: dict[str, int]) -> int:
+    """One sample's bytes of the references' mlp (``REF_MODEL_OPTS``, ``DATA_REF_OPTS``)."""
+    from models.spec import get_spec
+
+    return sample_bytes(get_spec("mlp", **opts)) or 0
 
 
 def gemm_source(backend: str) -> str:

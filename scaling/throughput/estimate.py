@@ -34,7 +34,7 @@ from scaling.errors import UsageError
 from scaling.throughput import catalog
 from scaling.throughput import host, host_step, partitioner
 from scaling.throughput.calibration import (FAMILIES, REF_MODEL_OPTS, WIDE_REF_OPTS, has_backend, host_peak, host_terms,
-                                            contention, loglog)
+                                            contention, loglog, sample_bytes)
 from scaling.throughput.calibration import load as load_calibration
 from scaling.throughput import compute
 from scaling.throughput.collectives import allreduce_time
@@ -123,16 +123,8 @@ def workload(model: Any, **opts: Any) -> Workload:
                     works=works, activations_per_sample=float(model.activations_per_sample),
                     leaves=len(model.param_shapes()),
                     strided_grad_bytes=partitioner.strided_bytes(list(model.param_shapes().values())),
-                    sample_bytes=_sample_bytes(model))
+                    sample_bytes=sample_bytes(model))
 
-
-def _sample_bytes(spec: Any) -> float | None:
-    """One sample of the spec's own synthetic data, as a run feeds it: inputs and targets."""
-    try:
-        x, y = spec.synthetic_data(1, 0, teacher=False)
-    except Exception:  # noqa: BLE001 - a spec without data of its own: the data term stays unpriced
-        return None
-    return float(x.nbytes + y.nbytes)
 
 
 # ---- estimates ------------------------------------------------------------------------------

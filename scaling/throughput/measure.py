@@ -32,7 +32,7 @@ from scaling.throughput import host, layer_rates, partitioner
 from scaling.throughput.layer_rates import time_calls as _time_calls
 from scaling.throughput.calibration import (DATA_REF_BATCH, DATA_REF_OPTS, FAMILIES, REF_MODEL_OPTS, VERSION, WIDE_REF_OPTS, _empty,
                                             fit_alpha_beta, framework_version,
-                                            gemm_source, layer_source, load, monotone, ref_grad_bytes, sample_bytes, save)
+                                            gemm_source, layer_source, load, monotone, mlp_sample_bytes, ref_grad_bytes, save)
 
 
 
@@ -174,20 +174,15 @@ def measure_torch_xla_spmd(n: int, timeout: float = 600.0) -> dict[str, Any]:
     return _torch_xla_worker("torch-xla-spmd", n, {}, timeout, f"torch_xla SPMD at N={n}")
 
 
-def reference_step(backend: str, n: int, sizes: Sizes, opts: dict[str, int] | None = None) -> float:
-    """Step of the tiny reference model through the real backend at N devices: the median over
-    ``sizes.ref_runs`` separate runs of each run's median step. On 2 shared cores the median step
-    of one multi-rank run varies run to run far more than within a run (2 gloo ranks: 1.5 to 3.4
-    ms over five runs here), and one torch run at N = 1 too (0.35 to 0.44 ms), so one run's figure
-    would be replayed into every prediction."""
-    return reference_runs(backend, n, sizes, opts)[0]
-
-
 def reference_runs(backend: str, n: int, sizes: Sizes, opts: dict[str, int] | None = None, per_device: int = 1,
                    runs: int | None = None) -> tuple[float, float | None]:
-    """(median step, median data part) over ``runs`` (default ``sizes.ref_runs``) runs of the mlp
-    ``opts`` at ``per_device`` samples a device; the data part is the breakdown probe's (None where
-    the backend has no probes: torch-xla)."""
+    """(median step, median data part) over ``runs`` (default ``sizes.ref_runs``) separate runs of the
+    mlp ``opts`` (the reference's by default) through the real backend at N devices, ``per_device``
+    samples a device; each run gives its median step, and its breakdown probe's data part (None where
+    the backend has no probes: torch-xla). On 2 shared cores the median step of one multi-rank run
+    varies run to run far more than within a run (2 gloo ranks: 1.5 to 3.4 ms over five runs here),
+    and one torch run at N = 1 too (0.35 to 0.44 ms), so one run's figure would be replayed into
+    every prediction."""
     from scaling.world import run_local
     from scaling.config import RunConfig
     from scaling.meter import median_step_time
@@ -295,14 +290,14 @@ def _reference_entry(b: str, n: int, sizes: Sizes, data: dict[str, Any], log: Ca
     entry = {"overhead_s": step, "slowdown": data["collectives"][fam][str(n)]["slowdown"], "overhead_source": source,
              **_io_mark(fam)}
     if data_s is not None:  # what a batch's bytes cost to reach the devices (``DATA_REF_OPTS``)
-        log(f"{b}: data reference ({DATA_REF_BATCH} samples of {sample_bytes(DATA_REF_OPTS)} bytes a device) at N={n}")
+        log(f"{b}: data reference ({DATA_REF_BATCH} samples of {mlp_sample_bytes(DATA_REF_OPTS)} bytes a device) at N={n}")
         wide = reference_runs(b, n, sizes, DATA_REF_OPTS, DATA_REF_BATCH, runs=1)[1]
         if wide is not None:
-            entry.update(data_s=data_s, data_bytes=sample_bytes(REF_MODEL_OPTS), data_wide_s=wide,
-                         data_wide_bytes=DATA_REF_BATCH * sample_bytes(DATA_REF_OPTS))
+            entry.update(data_s=data_s, data_bytes=mlp_sample_bytes(REF_MODEL_OPTS), data_wide_s=wide,
+                         data_wide_bytes=DATA_REF_BATCH * mlp_sample_bytes(DATA_REF_OPTS))
     if fam == "gloo" and n > 1:  # a gradient byte's cost in the step (``WIDE_REF_OPTS``); N = 1 reduces nothing
         log(f"{b}: wide reference step (mlp {WIDE_REF_OPTS['d_in']}-{WIDE_REF_OPTS['hidden']}-{WIDE_REF_OPTS['d_out']}) at N={n}")
-        entry.update(wide_step_s=reference_step(b, n, sizes, WIDE_REF_OPTS), wide_grad_bytes=ref_grad_bytes(WIDE_REF_OPTS))
+        entry.update(wide_step_s=reference_runs(b, n, sizes, WIDE_REF_OPTS)[0], wide_grad_bytes=ref_grad_bytes(WIDE_REF_OPTS))
     return entry
 
 
