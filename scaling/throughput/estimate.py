@@ -233,7 +233,8 @@ def predict_step(model_spec: Any, hw_id: str, devices: int, global_batch: float,
         parts = step_parts(works, batch, rates, wl.grad_bytes, ar, hidden)
     else:
         parts = sharded_parts(works, batch, rates, wl.grad_bytes, ar, hidden, sharding, devices)
-    step = parts.step_s
+    peers = peer_step_s(hw, devices)
+    step = parts.step_s + peers
     peak = dev_peak * devices
     notes = []
     if key != catalog.PEAK_DTYPE[dtype]:
@@ -248,11 +249,22 @@ def predict_step(model_spec: Any, hw_id: str, devices: int, global_batch: float,
              f"{compute.memory_fraction(hw).value:g} of bandwidth; all-reduce {'torus' if hw.ici_link_bw else 'by node topology'}, "
              f"bucketed behind backward" if sharding == "none" or devices == 1 else
              f"sharded ({sharding}): per-unit all-gathers and reduce-scatters, prefetched one unit ahead")
+    if peers:
+        basis += f"; overhead {compute.PEER_STEP_S.value * 1e3:g} ms a further GPU in the node (fitted)"
     return Estimate(wl.name, hw.id, devices, global_batch, dtype, backend, step, parts.compute_s, parts.exposed_comm_s,
-                    parts.allreduce_s, 0.0, global_batch / step, flops, flops / step, peak, key, flops / step / peak,
+                    parts.allreduce_s, peers, global_batch / step, flops, flops / step, peak, key, flops / step / peak,
                     frac.value, 1.0 - (parts.exposed_comm_s / parts.allreduce_s if parts.allreduce_s else 0.0), basis,
                     notes=tuple(notes), unit=unit, fraction_source=frac.source, memory_bound_s=parts.memory_bound_s,
                     launch_s=parts.launch_s, slices=slices)
+
+
+def peer_step_s(hw: catalog.Hardware, devices: int) -> float:
+    """The GPU step's cost of the other GPUs in its node (``compute.PEER_STEP_S`` each), beyond the
+    all-reduce: published single-node steps grow by about a millisecond a GPU whatever the link and
+    the precision, which no bandwidth term reproduces. Across nodes each node pays it once, in parallel."""
+    if hw.family != "gpu" or devices <= 1:
+        return 0.0
+    return compute.PEER_STEP_S.value * (min(devices, hw.devices_per_node or devices) - 1)
 
 
 def _ref_spec() -> Any:

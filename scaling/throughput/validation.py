@@ -1,5 +1,6 @@
-"""The public calibration set (``published_runs.toml``) against the predictor: per case, published
-vs predicted throughput and scaling efficiency, and whether each is within its target.
+"""The public calibration set (``published_runs.toml``) and the held-out set (``published_heldout.toml``,
+never fitted on) against the predictor: per case, published vs predicted throughput and scaling
+efficiency, and whether each is within its target.
 
 Shared by ``bench/published.py`` (prints it) and ``tests/test_published.py`` (holds the targets).
 """
@@ -14,6 +15,9 @@ from pathlib import Path
 from scaling.throughput.estimate import predict_step
 
 CASES_FILE = Path(__file__).with_name("published_runs.toml")
+HELD_OUT_FILE = Path(__file__).with_name("published_heldout.toml")
+SETS = {"calibration": CASES_FILE, "held-out": HELD_OUT_FILE}
+"""Each set's file: the fitted values in ``compute`` come from the first only."""
 THROUGHPUT_TARGET = 0.15
 """|predicted / published - 1| for throughput."""
 EFFICIENCY_TARGET = 0.05
@@ -51,8 +55,8 @@ class Result:
         return (t is None or abs(t) <= THROUGHPUT_TARGET) and (e is None or abs(e) <= EFFICIENCY_TARGET)
 
 
-def cases() -> dict[str, dict]:
-    return tomllib.loads(CASES_FILE.read_text())
+def cases(path: Path = CASES_FILE) -> dict[str, dict]:
+    return tomllib.loads(path.read_text())
 
 
 def evaluate(case_id: str, c: dict) -> Result:
@@ -70,8 +74,8 @@ def evaluate(case_id: str, c: dict) -> Result:
                   pub_eff, pred_eff, c.get("known_miss"))
 
 
-def evaluate_all() -> list[Result]:
-    return [evaluate(k, c) for k, c in cases().items()]
+def evaluate_all(path: Path = CASES_FILE) -> list[Result]:
+    return [evaluate(k, c) for k, c in cases(path).items()]
 
 
 def summary(results: list[Result]) -> dict[str, float]:
