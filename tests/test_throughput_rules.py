@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-
 import statistics
 
 import pytest
@@ -163,11 +162,15 @@ def test_a_gpu_step_pays_for_the_other_gpus_of_its_node(hw_id, devices, peers):
 def test_the_per_gpu_overhead_is_the_fit_its_source_states():
     """Recomputed from the published FP32 and TF32 steps (DeepLearningExamples, 1 vs 8 GPUs) less the
     rule's own exposed all-reduce: the per-GPU remainder must be the constant's value, within 15%."""
+    from scaling.throughput import validation
+
     per_peer = []
-    for hw_id, dtype, b, one, eight in (("dgx-1", "float32", 112, 367, 2855), ("dgx-a100", "tf32", 256, 938, 7248)):
-        grown = b / (eight / 8) - b / one  # published step at 8 GPUs minus at 1 (s)
-        comm = estimate.predict_step("resnet50", hw_id, 8, 8 * b, dtype).comm_s
-        per_peer.append((grown - comm) / 7)
+    for case_id in ("dle-dgx1-fp32-8", "dle-dgxa100-tf32-8"):  # the calibration set's published figures
+        c = validation.cases()[case_id]
+        b, n = c["per_device_batch"], c["devices"]
+        grown = b / (c["samples_per_s"] / n) - b / c["base_samples_per_s"]  # published step at N GPUs minus at 1 (s)
+        comm = estimate.predict_step(c["model"], c["hardware"], n, n * b, c["dtype"]).comm_s
+        per_peer.append((grown - comm) / (n - 1))
     assert statistics.mean(per_peer) == pytest.approx(compute.PEER_STEP_S.value, rel=0.15)
     assert "fitted" in compute.PEER_STEP_S.source
 

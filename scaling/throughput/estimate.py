@@ -126,7 +126,6 @@ def workload(model: Any, **opts: Any) -> Workload:
                     sample_bytes=sample_bytes(model))
 
 
-
 # ---- estimates ------------------------------------------------------------------------------
 
 
