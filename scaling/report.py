@@ -83,6 +83,8 @@ def print_run(result: dict[str, Any], console: Console | None = None) -> None:
     for key in ("mfu_flag", "peak_note"):
         if result.get(key):
             c.print(f"{'[bold red]MFU: ' if key == 'mfu_flag' else 'peak: '}{result[key]}{'[/bold red]' if key == 'mfu_flag' else ''}")
+    if result.get("replication_note"):
+        c.print(f"[yellow]replicated: {result['replication_note']}[/yellow]")
     flag = (result.get("breakdown") or {}).get("flag")
     if flag:
         c.print(f"[yellow]breakdown: {flag}[/yellow]")

@@ -45,7 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
-from scaling import checkpoint, sharding_torch
+from scaling import checkpoint, partitionable_norms, sharding_torch
 from scaling.backends import gloo_io
 from scaling.config import RunConfig
 from scaling.context import WorkerContext
@@ -468,6 +468,8 @@ class _Loop:
             import torch_xla.distributed.spmd as xs
 
             self.mesh = xs.Mesh(np.arange(s.config.devices), (s.config.devices,), ("data",))
+            if s.config.devices > 1:  # norms the partitioner would gather the batch for (``partitionable_norms``)
+                partitionable_norms.make_partitionable(model, 1 if s.config.sync_bn else s.config.devices)
 
     # -- state that a checkpoint holds
     def _state(self, step: int, losses: list[float], times: list[float]) -> dict[str, Any]:

@@ -9,68 +9,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
-from models import flax as mflax
-from models.flax.cnn import configure_bn
-from models.spec import get_spec
-from scaling.data import load_dataset
+from tests.bn_reference import close, reference, run_args
 
 pytestmark = pytest.mark.timeout(400)
-
-OPTS = dict(image_size=16, in_channels=1, num_classes=10, width=4, small=True)
-STEPS, BATCH, LR = 3, 32, 0.05
 
 
 def _train(run_cli, tmp_path: Path, tag: str, *flags: str) -> dict[str, np.ndarray]:
     out = tmp_path / f"{tag}.npz"
-    args = ["run", "--model", "resnet18", "--steps", str(STEPS), "--untimed-steps", "0", "--global-batch", str(BATCH),
-            "--lr", str(LR), "--optimizer", "sgd", "--params-out", str(out), "--quiet", *flags]  # the reference is plain SGD
-    for k, v in OPTS.items():
-        args += ["--model-opt", f"{k}={v}"]
-    run_cli(*args)
+    run_cli(*run_args("--params-out", str(out), *flags))  # the reference is plain SGD
     with np.load(out) as z:
         return {k: z[k] for k in z.files}
 
 
-def _reference(groups: int) -> dict[str, np.ndarray]:
-    """Plain single-process SGD in JAX with per-group batch statistics."""
-    from flax import nnx
-    import optax
-
-    spec = get_spec("resnet18", **OPTS)
-    data = load_dataset(spec, None, BATCH, 0)
-    model = mflax.build(spec, spec.init_params(0))
-    configure_bn(model, groups=groups)
-    graphdef, state = nnx.split(model)
-
-    def loss(s, x, y):
-        m = nnx.merge(graphdef, s)
-        return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean(), nnx.state(m, nnx.BatchStat)
-
-    @jax.jit
-    def step_fn(state, x, y):
-        (_, stats), g = jax.value_and_grad(loss, has_aux=True)(state, x, y)
-        return nnx.merge_state(jax.tree.map(lambda p, d: p - LR * d, state, g), stats)
-
-    for step in range(STEPS):
-        idx = data.indices(step, BATCH)
-        state = step_fn(state, data.x[idx], data.y[idx])
-    return mflax.to_canonical(spec, nnx.merge(graphdef, state))
-
-
-def _close(a: dict[str, np.ndarray], b: dict[str, np.ndarray], atol: float = 2e-5, rtol: float = 1e-4) -> None:
-    assert set(a) == set(b)
-    for k in a:
-        np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=k)
-
-
 def test_sync_bn_equals_one_device(run_cli, tmp_path: Path) -> None:
     one = _train(run_cli, tmp_path, "t1", "--devices", "1")
-    _close(_train(run_cli, tmp_path, "t4s", "--devices", "4", "--sync-bn"), one)
-    _close(_train(run_cli, tmp_path, "j4s", "--devices", "4", "--sync-bn", "--backend", "jax-pmap"), one)
+    close(_train(run_cli, tmp_path, "t4s", "--devices", "4", "--sync-bn"), one)
+    close(_train(run_cli, tmp_path, "j4s", "--devices", "4", "--sync-bn", "--backend", "jax-pmap"), one)
 
 
 def test_per_device_bn_equals_split_reference(run_cli, tmp_path: Path) -> None:
@@ -80,10 +37,10 @@ def test_per_device_bn_equals_split_reference(run_cli, tmp_path: Path) -> None:
     instead: kernel choice, not semantics. So the band is 5e-4, and what makes it a test is the
     other side: every parameter sits at least 10x closer to the per-device reference than the
     per-device and synchronised computations are to each other (49x on that host)."""
-    ref, sync = _reference(4), _reference(1)
+    ref, sync = reference(4), reference(1)
     for tag, *flags in (("t4",), ("j4", "--backend", "jax-pmap")):
         got = _train(run_cli, tmp_path, tag, "--devices", "4", *flags)
-        _close(got, ref, atol=5e-4, rtol=1e-3)
+        close(got, ref, atol=5e-4, rtol=1e-3)
         for k in ref:
             apart = float(np.abs(ref[k] - sync[k]).max())
             assert float(np.abs(got[k] - ref[k]).max()) <= apart / 10 + 1e-6, (tag, k, apart)

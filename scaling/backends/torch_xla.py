@@ -187,9 +187,22 @@ def train(cfg: RunConfig, ctx: Any) -> dict[str, Any] | None:
         "xla_flops_per_step": cost.dot_flops * cfg.devices if cost else None,
         "xla_flops_per_device": cost.dot_flops if cost else None,  # measured: one device's compiled program
         "comm_bytes_per_step": comm,
+        # what the compiled step all-gathers: 0 for a data-parallel step with replicated parameters
+        "gathered_bytes_per_step": sum(cost.all_gather_bytes) if cost and spmd else None,
+        **({"replication_note": _replication_note(cost.all_gather_bytes, cfg.devices)}
+           if cost and spmd and cost.all_gather_bytes and cfg.sharding == "none" else {}),
         "backend_info": {"launcher": cfg.launcher, "pjrt_device": xr.device_type(), "hlo_module": cost.module if cost else None,
                          "xla_flops": "dot/convolution FLOPs counted from the compiled HLO dump (XLA's cost analysis is private API)"},
     }
+
+
+def _replication_note(gathers: tuple[int, ...], devices: int) -> str:
+    """Why a step with replicated parameters gathers: the partitioner met an op it cannot split along
+    the batch and runs it (and what follows it, up to the next split) on the whole global batch."""
+    return (f"the compiled step all-gathers {len(gathers)} tensors ({sum(gathers) / 2**20:.3g} MiB) over {devices} devices: "
+            "XLA's partitioner ran part of the model on the whole global batch on every device (not data parallel); "
+            "podscale swaps torch's batch and layer norms for ones it can split (scaling/partitionable_norms.py), "
+            "not a custom norm module or F.batch_norm / F.layer_norm called directly")
 
 
 def _gloo_reducer(model: Any, world: int, device: Any) -> Callable[[], None]:

@@ -1,4 +1,4 @@
-"""Read what XLA actually compiled: all-reduce bytes and matmul FLOPs of an optimized HLO module.
+"""Read what XLA actually compiled: all-reduce and all-gather bytes and matmul FLOPs of an optimized HLO module.
 
 Under torch_xla SPMD the gradient all-reduce does not exist in the traced graph: the partitioner
 inserts it while compiling. The only public window on the compiled module is the text dump that
@@ -38,6 +38,10 @@ class StepCost:
     """2 x MACs of every dot and convolution, on one device's shard."""
     module: str
     """The dump file the numbers came from."""
+    all_gather_bytes: tuple[int, ...] = ()
+    """Bytes each ``all-gather`` (or ``all-gather-start``) delivers. A data-parallel step gathers
+    nothing (its parameters are replicated): a gather is the partitioner moving the batch onto every
+    device for an op it cannot split, which then runs replicated (``scaling.partitionable_norms``)."""
 
     @property
     def comm_bytes(self) -> int:
@@ -80,6 +84,7 @@ def analyse(text: str, module: str = "") -> StepCost:
     """All-reduce bytes and dot/convolution FLOPs of one HLO module's text."""
     shapes: dict[str, tuple[int, ...]] = {}
     reduces: list[int] = []
+    gathers: list[int] = []
     flops = 0
     for line in text.splitlines():
         m = _INSTR.match(line)
@@ -91,6 +96,10 @@ def analyse(text: str, module: str = "") -> StepCost:
             shapes[name] = dims[0][1]
         if op in ("all-reduce", "all-reduce-start"):
             reduces.append(shape_bytes(shape))
+        elif op == "all-gather":
+            gathers.append(shape_bytes(shape))
+        elif op == "all-gather-start" and dims:  # (operand, result): what it delivers is the last array
+            gathers.append(DTYPE_BYTES[dims[-1][0]] * math.prod(dims[-1][1]))
         elif op == "dot" and dims:
             ops = _operands(rest)
             contract = _attr(rest, "lhs_contracting_dims")
@@ -106,7 +115,7 @@ def analyse(text: str, module: str = "") -> StepCost:
                 # every output element takes (kernel spatial x input features per group) MACs
                 per_out = math.prod(n for n, c in zip(kernel, labels.group(1)) if c != "o")
                 flops += 2 * math.prod(dims[0][1]) * per_out
-    return StepCost(reduces, flops, module)
+    return StepCost(reduces, flops, module, tuple(gathers))
 
 
 def dump_modules(directory: str | Path) -> list[Path]:

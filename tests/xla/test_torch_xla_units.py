@@ -32,15 +32,20 @@ ENTRY %main {
   %ar = (f32[32,5]{1,0}, bf16[7]{0}) all-reduce(%p1, %x), channel_id=1, replica_groups={{0,1}}, to_apply=%add
   %ars = f32[10]{0} all-reduce-start(%y), channel_id=2, replica_groups={{0,1}}, to_apply=%add
   %ard = f32[10]{0} all-reduce-done(%ars)
+  %ag = f32[64,16,4,4]{3,2,1,0} all-gather(%img), channel_id=3, replica_groups={{0,1,2,3}}, dimensions={0}
+  %ags = (f32[2,8]{1,0}, f32[8,8]{1,0}) all-gather-start(%z), channel_id=4, replica_groups={{0,1,2,3}}, dimensions={0}
+  %agd = f32[8,8]{1,0} all-gather-done(%ags)
   ROOT %r = f32[] constant(0)
 }
 """
 
 
-def test_hlo_counts_tuple_and_async_all_reduces_and_matmul_flops() -> None:
+def test_hlo_counts_tuple_and_async_collectives_and_matmul_flops() -> None:
     c = xla_hlo.analyse(HLO)
     assert c.all_reduce_bytes == [32 * 5 * 4 + 7 * 2, 10 * 4]  # tuple = sum of parts; -done not counted twice
     assert c.dot_flops == 2 * 8 * 5 * 32 + 2 * (8 * 4 * 4 * 16) * (3 * 3 * 4)
+    # what each gather delivers: an async start's (operand, result) counts its result once
+    assert c.all_gather_bytes == (64 * 16 * 4 * 4 * 4, 8 * 8 * 4)
 
 
 def test_user_dump_dir_is_kept_and_ours_added_otherwise(tmp_path: Path) -> None:
