@@ -85,6 +85,8 @@ def print_run(result: dict[str, Any], console: Console | None = None) -> None:
             c.print(f"{'[bold red]MFU: ' if key == 'mfu_flag' else 'peak: '}{result[key]}{'[/bold red]' if key == 'mfu_flag' else ''}")
     if result.get("replication_note"):
         c.print(f"[yellow]replicated: {result['replication_note']}[/yellow]")
+    if (result.get("breakdown") or {}).get("note"):
+        c.print(f"[dim]breakdown: {result['breakdown']['note']}[/dim]")
     flag = (result.get("breakdown") or {}).get("flag")
     if flag:
         c.print(f"[yellow]breakdown: {flag}[/yellow]")

@@ -638,8 +638,11 @@ class _Loop:
         s, k = self.s, self.s.config.probe_rounds(self.total)
         if k == 0 or step_s is None or last is None:
             return {"probes": 0, "measured": None, "why": s.config.probe_why_none(self.total) if k == 0 else "no timed steps"}
+        if self.mesh is not None and self.sharding == "none":
+            return self._probe_spmd(batches, wrapped, autocast, step_s, last, k)
         if self.mesh is not None or s.device.type == "xla":
-            return {"probes": 0, "measured": None, "why": "not measured on torch-xla yet (its steps are compiled graphs)"}
+            return {"probes": 0, "measured": None, "why": "not measured on torch-xla with --sharding or its torchrun and xmp "
+                                                          "launchers yet (measured under SPMD with replicated parameters)"}
         saved = (copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.opt.state_dict()), torch.get_rng_state())
         ddp = s.world > 1 and (hasattr(wrapped, "no_sync") or self.twin is not None)
 
@@ -690,14 +693,77 @@ class _Loop:
             self.model.load_state_dict(saved[0])
             self.opt.load_state_dict(saved[1])
             torch.set_rng_state(saved[2])
-        med = {name: median(v) for name, v in parts.items()}
-        data = None if exhausted else med["data"]
-        comm = max(0.0, med["full"] - med["compute"]) if s.world > 1 else 0.0
-        measured = {"data_s": data, "compute_s": med["compute"], "comm_exposed_s": comm,
-                    "unattributed_s": med["step"] - (data or 0.0) - med["compute"] - comm, "step_s": med["step"],
-                    "train_step_s": step_s}
-        return {"probes": k, "runs_per_probe": PROBE_RUNS, "measured": measured,
-                "why": None if data is not None else "data not measured: the batches ran out"}
+        return _measured(parts, exhausted, s.world > 1, step_s, k)
+
+    def _probe_spmd(self, batches: Iterator[Any], wrapped: Any, autocast: Any, step_s: float, last: Any, k: int) -> dict[str, Any]:
+        """``_probe`` under torch-xla SPMD, where the partitioner, not the loop, inserts the gradient
+        all-reduce: the compute part is the same compiled step on each device's share of the batch
+        replicated over the mesh (every device runs its own share's work, as in training, and no
+        gradient needs reducing), the full part the training step itself. Each part is one more
+        compiled graph, run once before the timing; every run ends with the device drained."""
+        import torch_xla
+        import torch_xla.core.xla_model as xm
+
+        s, n = self.s, self.s.config.devices
+        saved = (copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.opt.state_dict()), torch.get_rng_state())
+        per = max(1, self.loader.global_batch // n)
+        # one device's share, a fresh unsharded (so replicated) tensor: no collective to build it per run
+        share = _map(last, lambda t: t[:per].cpu().to(s.device) if isinstance(t, torch.Tensor) and t.dim() > 0 else t)
+        fetched: list[Any] = [last]
+        exhausted = False
+
+        def drain() -> None:
+            torch_xla.sync()
+            xm.wait_device_ops()
+
+        def fetch() -> None:
+            nonlocal exhausted
+            if not exhausted:
+                try:
+                    fetched[:] = [_map(_split_batch(next(batches)), self._shard)]
+                except StopIteration:
+                    exhausted = True
+            drain()
+
+        def step(batch: Any) -> None:
+            inputs, targets = batch
+            with autocast:
+                out = wrapped(inputs)
+            self.loss_fn(out, targets).backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            drain()
+
+        def compute() -> None:
+            if n == 1:  # one device: the training step itself, nothing to reduce
+                return step(fetched[-1])
+            # batch norm over the share's own samples: what each device's statistics cover in training
+            partitionable_norms.make_partitionable(self.model, 1)
+            try:
+                step(share)
+            finally:
+                partitionable_norms.make_partitionable(self.model, 1 if s.config.sync_bn else n)
+
+        fns = {"data": fetch, "compute": compute, "full": lambda: step(fetched[-1]), "step": lambda: (fetch(), step(fetched[-1]))}
+        parts: dict[str, list[float]] = {name: [] for name in fns}
+        try:
+            for fn in fns.values():  # each part's graph compiles here, not in its timing
+                fn()
+            for _ in range(k):
+                for name, fn in fns.items():
+                    for _ in range(PROBE_RUNS):
+                        t = time.perf_counter()
+                        fn()
+                        parts[name].append(time.perf_counter() - t)
+                    s.ctx.beat(self.total)
+        finally:
+            self.model.load_state_dict(saved[0])
+            self.opt.load_state_dict(saved[1])
+            torch.set_rng_state(saved[2])
+            drain()
+        return {**_measured(parts, exhausted, n > 1, step_s, k),
+                "note": "parts timed with the device drained after each; training traces the next step while the "
+                        "device runs this one, so its step (train_step_s) can be shorter than theirs (step_s)"}
 
     def _wrap(self) -> Any:
         s = self.s
@@ -828,6 +894,18 @@ class _Loop:
             "versions": {"torch": torch.__version__},
             "scalars": {k: [[a, b] for a, b in v] for k, v in s.scalars.items()},
         }
+
+
+def _measured(parts: dict[str, list[float]], exhausted: bool, multi: bool, step_s: float, k: int) -> dict[str, Any]:
+    """The probes' medians as the breakdown: exposed communication = full - compute (none on one device)."""
+    med = {name: median(v) for name, v in parts.items()}
+    data = None if exhausted else med["data"]
+    comm = max(0.0, med["full"] - med["compute"]) if multi else 0.0
+    measured = {"data_s": data, "compute_s": med["compute"], "comm_exposed_s": comm,
+                "unattributed_s": med["step"] - (data or 0.0) - med["compute"] - comm, "step_s": med["step"],
+                "train_step_s": step_s}
+    return {"probes": k, "runs_per_probe": PROBE_RUNS, "measured": measured,
+            "why": None if data is not None else "data not measured: the batches ran out"}
 
 
 def _peak_rss() -> int | None:

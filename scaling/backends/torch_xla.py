@@ -178,7 +178,7 @@ def train(cfg: RunConfig, ctx: Any) -> dict[str, Any] | None:
     comm = getattr(hooks.reduce_grads, "bytes", None) if cfg.launcher == "torchrun" else cost.comm_bytes if cost else None
     return {
         **{k: r[k] for k in ("losses", "step_times", "final_params_l2", "replicas_identical")},
-        **{k: r[k] for k in ("memory", "sharding", "resumed_from_step") if k in r},
+        **{k: r[k] for k in ("memory", "sharding", "resumed_from_step", "breakdown") if k in r},
         "device_kind": xr.device_type().lower(),
         "hardware": hardware_id(xr.device_type()),
         "processes": xr.process_count() if spmd else s.world,
