@@ -47,6 +47,19 @@ def run_cli():
     return podscale
 
 
+def measured_breakdown(name: str, r: dict) -> dict:
+    """A run's measured breakdown, checked for what every backend's probes promise: medians of at
+    least 10 runs, data, compute and exposed communication each measured and non-negative, the
+    training step as the run reports it. Returns the measured parts."""
+    b = r["breakdown"]
+    assert b["probes"] * b["runs_per_probe"] >= 10 and b["why"] is None, (name, b)
+    m = b["measured"]
+    for part in ("data_s", "compute_s", "comm_exposed_s"):
+        assert m[part] is not None and m[part] >= 0, (name, part, m)
+    assert m["compute_s"] > 0 and m["train_step_s"] == pytest.approx(r["step_time_s"])
+    return m
+
+
 def drop_newest_checkpoint(ck: Path) -> None:
     """Leave the checkpoint at step 3 as the newest, as if the run had died after it."""
     from scaling import checkpoint

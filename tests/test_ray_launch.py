@@ -1,13 +1,14 @@
-"""``podscale launch`` against a real 3-node Ray cluster that this test session starts on 127.0.0.1.
+"""``podscale launch`` against a real 3-node Ray cluster that this module starts on 127.0.0.1.
 
-One cluster for the whole session (each node costs seconds and ~0.5 GB): a head with the dashboard
-(the Jobs API) and two worker nodes joined with ``ray start --address``, each its own raylet, object
-store and agents, 2 logical CPUs and a custom resource naming it, so that where Ray put a worker is
-observable. All share one temp dir, and a directory of this host stands in for the shared
-filesystem (NFS) a real cluster's checkpoints need. Stopped at the end by their own process IDs
-(never ``ray stop``, which would end every Ray on the host). Jobs go through the Jobs API exactly as
-a user's would. The GCS health-checks nodes every second (3 misses: dead), so that a lost node is
-noticed in seconds rather than Ray's default ~15 s.
+One cluster for this module (each node costs seconds and ~0.5 GB; kept for the whole session, its
+idle head, nodes and agents took about a fifth of one core from every later test): a head with the
+dashboard (the Jobs API) and two worker nodes joined with ``ray start --address``, each its own
+raylet, object store and agents, 2 logical CPUs and a custom resource naming it, so that where Ray
+put a worker is observable. All share one temp dir, and a directory of this host stands in for the
+shared filesystem (NFS) a real cluster's checkpoints need. Stopped at the end by their own process
+IDs (never ``ray stop``, which would end every Ray on the host). Jobs go through the Jobs API
+exactly as a user's would. The GCS health-checks nodes every second (3 misses: dead), so that a lost
+node is noticed in seconds rather than Ray's default ~15 s.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_fa
                       "RAY_health_check_timeout_ms": "2000"}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_head() -> LocalHead:
     head = start_head(num_cpus=NODE_CPUS, resources={"head": 1.0}, env=FAST_HEALTH_CHECKS)
     try:
@@ -50,7 +51,7 @@ def ray_head() -> LocalHead:
         assert not alive, f"head processes left running: {alive}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def local_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
     d = tmp_path_factory.mktemp("local")
     podscale(*RUN, "--quiet", "--json", str(d / "r.json"), "--params-out", str(d / "p.npz"))
@@ -101,7 +102,7 @@ JAX_RUN = ["run", "--backend", "jax-sharded", "--devices", "4", "--processes", "
            "--untimed-steps", "1", "--lr", "0.05", "--checkpoint-every", "2"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def jax_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
     d = tmp_path_factory.mktemp("jaxlocal")
     podscale(*JAX_RUN, "--checkpoint-dir", str(d / "ck"), "--quiet", "--json", str(d / "r.json"), "--params-out", str(d / "p.npz"))
