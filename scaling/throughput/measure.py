@@ -178,8 +178,8 @@ def reference_runs(backend: str, n: int, sizes: Sizes, opts: dict[str, int] | No
                    runs: int | None = None) -> tuple[float, float | None]:
     """(median step, median data part) over ``runs`` (default ``sizes.ref_runs``) separate runs of the
     mlp ``opts`` (the reference's by default) through the real backend at N devices, ``per_device``
-    samples a device; each run gives its median step, and its breakdown probe's data part (None where
-    the backend has no probes: torch-xla). On 2 shared cores the median step of one multi-rank run
+    samples a device; each run gives its median step, and its breakdown probe's data part (None for
+    torch-xla, whose calibration runs no probes). On 2 shared cores the median step of one multi-rank run
     varies run to run far more than within a run (2 gloo ranks: 1.5 to 3.4 ms over five runs here),
     and one torch run at N = 1 too (0.35 to 0.44 ms), so one run's figure would be replayed into
     every prediction."""
@@ -190,7 +190,11 @@ def reference_runs(backend: str, n: int, sizes: Sizes, opts: dict[str, int] | No
     untimed = max(2, sizes.ref_steps // 5)
     cfg = RunConfig(backend=backend, model="mlp", devices=n, global_batch=n * per_device, steps=sizes.ref_steps,
                     untimed_steps=untimed, model_opts={k: str(v) for k, v in (opts or REF_MODEL_OPTS).items()},
-                    probe_steps=max(2, sizes.ref_steps // 30), step_timeout=120.0, startup_timeout=300.0)
+                    # torch-xla's runs have probes now, but its calibration keeps none: each probe compiles
+                    # two more graphs, and the data reference they would add is a torch-xla run a count
+                    # (about 30 s each here): a CI sweep's calibration went past its 20 minutes with them
+                    probe_steps=0 if backend == "torch-xla" else max(2, sizes.ref_steps // 30),
+                    step_timeout=120.0, startup_timeout=300.0)
     steps, data = [], []
     for _ in range(runs or sizes.ref_runs):
         raw = run_local(cfg)
