@@ -357,3 +357,35 @@ def test_a_gloo_entry_measured_at_the_other_io_priority_is_measured_again(monkey
     assert not measure._ref_current("jax-sharded", 4, {"overhead_s": 1e-3})
     assert measure._ref_current("torch-xla", 4, {"overhead_s": 1e-3})
     assert not measure._io_current("xla-cpu", None)
+
+
+@pytest.mark.parametrize("backends, tables", [(["torch-xla"], {"torch_xla"}), (["jax-pmap"], {"jax"}),
+                                              (["torch-ddp", "jax-sharded"], {"torch", "jax"})])
+def test_calibration_measures_only_the_layer_tables_its_backends_read(cache, monkeypatch, backends, tables):
+    """.venv-xla calibrating torch-xla alone measured jax's layer table too (92 s of a CI sweep) that
+    no torch-xla prediction reads. The measurements are stubbed: which tables get measured is the point."""
+    import importlib.util
+
+    measured: set[str] = set()
+
+    def table(name):
+        def f(*_a, **_k):
+            measured.add(name)
+            return {"dense": []}
+        return f
+
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "torch_xla" else real_find(n, *a))
+    monkeypatch.setattr(measure.layer_rates, "torch_table", table("torch"))
+    monkeypatch.setattr(measure, "measure_xla_layers", table("jax"))
+    monkeypatch.setattr(measure, "measure_torch_xla_layers", table("torch_xla"))
+    monkeypatch.setattr(measure.host, "measured_host_peaks", lambda **_k: None)
+    monkeypatch.setattr(measure, "torch_gemm_table", lambda *_a: {"fp32": {}})
+    probe = {"points": [(1024, 1e-5), (1 << 20, 1e-3)], "slowdown": 1.0, "gemm": {"fp32": {}}}
+    monkeypatch.setattr(measure, "measure_gloo", lambda *_a: dict(probe))
+    monkeypatch.setattr(measure, "measure_xla", lambda *_a: dict(probe))
+    monkeypatch.setattr(measure, "_reference_entry", lambda *_a: {"overhead_s": 1e-3, "slowdown": 1.0})
+    monkeypatch.setattr(measure, "measure_torch_xla_spmd", lambda _n: {"bytes": 1, "sgd": 1e-3, "adam": 1e-3})
+    data = measure.calibrate(backends, [1], measure.TINY)
+    assert measured == tables and set(data["layers"]) == tables
+    assert set(data["layers"]) == {calibration.layer_source(b) for b in backends}

@@ -232,14 +232,17 @@ def calibrate(backends: list[str], device_counts: list[int], sizes: Sizes = QUIC
         log(f"GEMM rates, torch, 1..{cores} threads")
         data["gemm"]["torch"] = torch_gemm_table(sizes.gemm, list(range(1, cores + 1)))
     layers = data.setdefault("layers", {})
-    if "gloo" in fams and not layers.get("torch"):
+    # only the tables these backends' predictions read (``layer_source``): .venv-xla calibrating
+    # torch-xla alone measured jax's too, 92 s of a CI sweep that nothing there reads
+    reads = {layer_source(b) for b in backends}
+    if "torch" in reads and not layers.get("torch"):
         log("layer and optimizer costs, torch, one thread")
         layers["torch"] = {"framework_version": framework_version("torch"), "method": layer_rates.METHOD["torch"],
                            **layer_rates.torch_table(sizes.tiny_layers)}
-    if "xla-cpu" in fams and not layers.get("jax"):
+    if "jax" in reads and not layers.get("jax"):
         log("layer and optimizer costs, XLA-CPU, one device")
         layers["jax"] = {"framework_version": framework_version("jax"), "method": layer_rates.METHOD["jax"], **measure_xla_layers(sizes)}
-    if "torch-xla" in backends and not layers.get("torch_xla"):
+    if "torch_xla" in reads and not layers.get("torch_xla"):
         log("layer and optimizer costs, torch_xla, one XLA-CPU device")
         layers["torch_xla"] = {"framework_version": framework_version("torch_xla"), "method": layer_rates.METHOD["torch_xla"],
                                **measure_torch_xla_layers(sizes)}
