@@ -185,17 +185,24 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    results: list[dict[str, Any]] = []
     failures: list[str] = []
     configs = [(b, n) for b in backends for n in devices]
+    # repeats go in passes over every configuration, not back to back: a slow minute on this host
+    # then slows one run of several configurations, not every run of one (jax-pmap at N = 2 read
+    # 3.1, 3.1 and 2.0 ms back to back, 1.3-1.6 ms in sweeps minutes later)
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {c: [] for c in configs}
+    failed: set[tuple[str, int]] = set()
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as bar:
-        task = bar.add_task("sweep", total=len(configs))
-        for b, n in configs:
-            bar.update(task, description=f"{b} × {n}")
-            name = f"{b}-{n}dev"
-            runs: list[dict[str, Any]] = []
-            for rep in range(args.repeats):
+        task = bar.add_task("sweep", total=len(configs) * args.repeats)
+        for rep in range(args.repeats):
+            for b, n in configs:
+                if (b, n) in failed:
+                    bar.advance(task)
+                    continue
+                pass_note = f" (pass {rep + 1} of {args.repeats})" if args.repeats > 1 else ""
+                bar.update(task, description=f"{b} × {n}{pass_note}")
+                name = f"{b}-{n}dev"
                 tag = name if rep == 0 else f"{name}-repeat{rep}"
                 jpath = runs_dir / f"{tag}.json"
                 run_args = ["--backend", b, "--model", args.model, "--devices", str(n), "--global-batch", str(batch_of(n)),
@@ -210,11 +217,11 @@ def main(args: argparse.Namespace) -> int:
                 if code != 0:
                     failures.append(f"{b} × {n} devices: exit {code}: {last}")
                     console.print(f"[red]{b} × {n} devices failed[/red] (exit {code}): {last}")
-                    break
-                runs.append(json.loads(jpath.read_text()))
-            if runs:
-                results.append(median_run(runs))
-            bar.advance(task)
+                    failed.add((b, n))
+                else:
+                    runs[(b, n)].append(json.loads(jpath.read_text()))
+                bar.advance(task)
+    results: list[dict[str, Any]] = [median_run(runs[c]) for c in configs if runs[c]]
 
     summary = summarize(results, args.mode)
     for backend, rows in summary.items():

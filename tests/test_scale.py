@@ -62,6 +62,11 @@ def test_weak_sweep_numbers_are_consistent(weak_sweep):
     assert len(doc["runs"]) == 3 * len(expected)
     for r in doc["runs"]:  # --repeats 3: the reported run is the median of three
         assert len(r["repeat_step_times_s"]) == 3 and r["step_time_s"] == sorted(r["repeat_step_times_s"])[1]
+    # in passes: every configuration's first run ended before any second run began
+    runs_dir = out / "out" / "runs"
+    first = [p.stat().st_mtime for p in runs_dir.glob("*dev.json")]
+    second = [p.stat().st_mtime for p in runs_dir.glob("*dev-repeat1.json")]
+    assert len(first) == len(second) == len(doc["runs"]) and max(first) < min(second)
     for backend, rows in doc["summary"].items():
         assert [r["devices"] for r in rows] == [1, 2, 4]
         base = rows[0]
@@ -102,17 +107,17 @@ def test_weak_sweep_structure_measured_per_rank(weak_sweep):
 def test_weak_sweep_prediction_within_band(weak_sweep):
     """Loose band only: the tight targets (on-grid median 10%; off-grid median 15%, max 35%) live in
     bench/predictor.py. A prediction is for an idle host and other load only adds time, so it is
-    held against the fastest of the three runs, within 3x: on this host one configuration's run
-    varied more than 2x within minutes (torch-ddp at N = 2: 3.1 to 8.9 ms over three sweeps, 2026-12-07),
-    and two CI runs read 0.46x (torch-ddp, N = 2) and 0.33x (jax-pmap, N = 2, all three runs slow)
-    of medians that quieter sweeps put at 0.6-0.85x."""
+    held against the fastest of the three runs (one from each pass over the configurations): on
+    this host one configuration's run varied more than 2x within minutes (torch-ddp at N = 2: 3.1
+    to 8.9 ms over three sweeps, 2026-12-07), and a CI run read 0.46x (torch-ddp, N = 2) of a
+    median that quieter sweeps put at 0.6-0.85x."""
     _, doc, _ = weak_sweep
     for backend, rows in doc["summary"].items():  # torch-xla too, from .venv-xla's own calibration
         for r in rows:
             assert r["predicted_step_time_s"] is not None, (backend, r["devices"])
             run = next(x for x in doc["runs"] if x["backend"] == backend and x["devices"] == r["devices"])
             ratio = r["predicted_step_time_s"] / min(run["repeat_step_times_s"])
-            assert 1 / 3 <= ratio <= 3.0, (backend, r["devices"], ratio, run["repeat_step_times_s"])
+            assert 0.5 <= ratio <= 2.0, (backend, r["devices"], ratio, run["repeat_step_times_s"])
 
 
 OFF_GRID = ("--model-opt", "d_in=256", "--model-opt", "hidden=1024")  # 16x the sweep model's gradient bytes
@@ -124,8 +129,8 @@ def test_off_grid_predictions_from_a_calibration_that_never_ran_that_n(weak_swee
     """The sweep's calibration restricted to N = 1, 2 (what `podscale calibrate --devices 1,2`
     writes: each N is measured on its own) predicts N = 4, beyond it and past this host's cores,
     for the sweep's mlp and one with 16x its gradient bytes, neither ever calibrated (the reference
-    is a 289-parameter mlp), within 3x of the fastest measured steps (why 3x and the fastest:
-    the test above). The tight off-grid figures live in bench/predictor.py."""
+    is a 289-parameter mlp), within 0.5-2x of the fastest measured steps (why the fastest: the
+    test above). The tight off-grid figures live in bench/predictor.py."""
     _, doc, _ = weak_sweep
     from scaling.throughput import calibration, estimate
 
@@ -142,7 +147,7 @@ def test_off_grid_predictions_from_a_calibration_that_never_ran_that_n(weak_swee
             spec = get_spec("mlp", d_in=256, hidden=int(opts[-1].split("=")[1]))
             est = estimate.predict_step(estimate.workload(spec), "host-cpu", 4, 128, "float32", backend, calibration=cal)
             assert "interpolated" in est.basis, est.basis  # N=4 is not in the restricted calibration
-            assert 1 / 3 <= est.step_time_s / measured <= 3.0, (backend, opts, est.step_time_s, measured)
+            assert 0.5 <= est.step_time_s / measured <= 2.0, (backend, opts, est.step_time_s, measured)
 
 
 @pytest.mark.slow
