@@ -58,8 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-calibrate", action="store_true", help="do not calibrate this host first (no predictions if none)")
     p.add_argument("--step-timeout", type=float, default=60.0)
     p.add_argument("--repeats", type=int, default=1,
-                   help="separate runs per configuration; the one with the median step time is reported (its runs' "
-                        "step times ride along): on a shared host one run's median step varies run to run")
+                   help="passes over every configuration, a run each; the run with the median step time is reported "
+                        "(every run's step time rides along): on a shared host one run's median step varies run to run")
     p.set_defaults(func=main)
 
 
