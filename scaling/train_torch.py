@@ -643,7 +643,6 @@ class _Loop:
         if self.mesh is not None or s.device.type == "xla":
             return {"probes": 0, "measured": None, "why": "not measured on torch-xla with --sharding or its torchrun and xmp "
                                                           "launchers yet (measured under SPMD with replicated parameters)"}
-        saved = (copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.opt.state_dict()), torch.get_rng_state())
         ddp = s.world > 1 and (hasattr(wrapped, "no_sync") or self.twin is not None)
 
         def no_sync() -> Any:
@@ -675,25 +674,43 @@ class _Loop:
             fetch()
             step(sync_grads=True)
 
-        parts: dict[str, list[float]] = {"data": [], "compute": [], "full": [], "step": []}
         fns = {"data": fetch, "compute": lambda: step(sync_grads=False), "full": lambda: step(sync_grads=True), "step": loop_step}
+        # each part starts together (a barrier); within its runs the ranks drift as in training
+        parts = self._time_parts(fns, k, before_part=dist.barrier if s.world > 1 else None,
+                                 after_run=(lambda: torch.cuda.synchronize(s.device)) if s.device.type == "cuda" else None)
+        return _measured(parts, exhausted, s.world > 1, step_s, k)
+
+    def _time_parts(self, fns: dict[str, Callable[[], Any]], k: int, before_part: Callable[[], Any] | None = None,
+                    after_run: Callable[[], Any] | None = None, warm: bool = False,
+                    finally_: Callable[[], Any] | None = None) -> dict[str, list[float]]:
+        """Every probe's timing: K rounds of ``PROBE_RUNS`` consecutive runs of each part, interleaved
+        so that the machine's drift touches all alike (each part run once first when ``warm``: its
+        graph compiles there, not in its timing). The probes train, so the model, optimizer and RNG
+        are restored afterwards: the run's results stay those of its training."""
+        saved = (copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.opt.state_dict()), torch.get_rng_state())
+        parts: dict[str, list[float]] = {name: [] for name in fns}
         try:
+            if warm:
+                for fn in fns.values():
+                    fn()
             for _ in range(k):
                 for name, fn in fns.items():
-                    if s.world > 1:
-                        dist.barrier()  # each part starts together; within its runs the ranks drift as in training
+                    if before_part is not None:
+                        before_part()
                     for _ in range(PROBE_RUNS):
                         t = time.perf_counter()
                         fn()
-                        if s.device.type == "cuda":
-                            torch.cuda.synchronize(s.device)
+                        if after_run is not None:
+                            after_run()
                         parts[name].append(time.perf_counter() - t)
-                    s.ctx.beat(self.total)  # alive: the watchdog's --step-timeout covers each probe part too
+                    self.s.ctx.beat(self.total)  # alive: the watchdog's --step-timeout covers each probe part too
         finally:
             self.model.load_state_dict(saved[0])
             self.opt.load_state_dict(saved[1])
             torch.set_rng_state(saved[2])
-        return _measured(parts, exhausted, s.world > 1, step_s, k)
+            if finally_ is not None:
+                finally_()
+        return parts
 
     def _probe_spmd(self, batches: Iterator[Any], wrapped: Any, autocast: Any, step_s: float, last: Any, k: int) -> dict[str, Any]:
         """``_probe`` under torch-xla SPMD, where the partitioner, not the loop, inserts the gradient
@@ -705,7 +722,6 @@ class _Loop:
         import torch_xla.core.xla_model as xm
 
         s, n = self.s, self.s.config.devices
-        saved = (copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.opt.state_dict()), torch.get_rng_state())
         per = max(1, self.loader.global_batch // n)
         # one device's share, a fresh unsharded (so replicated) tensor: no collective to build it per run
         share = _map(last, lambda t: t[:per].cpu().to(s.device) if isinstance(t, torch.Tensor) and t.dim() > 0 else t)
@@ -745,22 +761,7 @@ class _Loop:
                 partitionable_norms.make_partitionable(self.model, 1 if s.config.sync_bn else n)
 
         fns = {"data": fetch, "compute": compute, "full": lambda: step(fetched[-1]), "step": lambda: (fetch(), step(fetched[-1]))}
-        parts: dict[str, list[float]] = {name: [] for name in fns}
-        try:
-            for fn in fns.values():  # each part's graph compiles here, not in its timing
-                fn()
-            for _ in range(k):
-                for name, fn in fns.items():
-                    for _ in range(PROBE_RUNS):
-                        t = time.perf_counter()
-                        fn()
-                        parts[name].append(time.perf_counter() - t)
-                    s.ctx.beat(self.total)
-        finally:
-            self.model.load_state_dict(saved[0])
-            self.opt.load_state_dict(saved[1])
-            torch.set_rng_state(saved[2])
-            drain()
+        parts = self._time_parts(fns, k, warm=True, finally_=drain)
         return {**_measured(parts, exhausted, n > 1, step_s, k),
                 "note": "parts timed with the device drained after each; training traces the next step while the "
                         "device runs this one, so its step (train_step_s) can be shorter than theirs (step_s)"}
